@@ -1,0 +1,354 @@
+//! `/api/v1/inference/*`: start, status, results, cancel and list jobs (the seed's paths).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiError, ErrorBody, Json, Path, Query};
+use super::AppState;
+use crate::domain::{Fps, Invalid, JobId, JobStatus, Priority, PromptText, SourceType, StreamRef};
+use crate::jobs::{StartError, StartJob};
+use crate::store::{CancelOutcome, JobRecord, PromptVersion, ResultRecord};
+
+/// Body of `POST /api/v1/inference/start`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    /// HLS playlist URL, `redis://host:port[/db]/<key>`, or a bare Redis stream key.
+    #[schema(max_length = 2048, example = "https://example.com/live/stream.m3u8")]
+    pub stream_ref: String,
+    /// The job's own prompt (version 1 of its scope); without it the job follows the global prompt.
+    #[schema(max_length = 8192)]
+    pub prompt: Option<String>,
+    /// Frames per second of media time to sample, 0.1 to 60 (default DEFAULT_FPS).
+    #[schema(minimum = 0.1, maximum = 60.0)]
+    pub fps: Option<f64>,
+    /// Client-chosen id (1-128 of letters, digits, `.`, `_`, `-`); 409 if taken.
+    pub job_id: Option<String>,
+    /// Model to use; the configured default when absent.
+    pub model: Option<String>,
+    pub priority: Option<Priority>,
+    /// Live HLS: start at the first segment instead of the live edge; Redis: read the whole stream.
+    pub from_beginning: Option<bool>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StartResponse {
+    pub job_id: String,
+    pub status: JobStatus,
+    pub message: String,
+}
+
+/// A job as `status` and `jobs` report it: the seed's fields plus ours.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobView {
+    pub job_id: String,
+    pub status: JobStatus,
+    pub stream_ref: String,
+    /// The prompt the job uses now.
+    pub prompt: Option<String>,
+    pub fps: f64,
+    /// Epoch seconds.
+    pub created_at: f64,
+    pub started_at: Option<f64>,
+    pub completed_at: Option<f64>,
+    pub frames_processed: i64,
+    pub results_count: i64,
+    pub error: Option<String>,
+    pub source_type: SourceType,
+    pub model: String,
+    pub priority: Priority,
+    pub from_beginning: bool,
+    /// Version of the prompt the job uses now, within `prompt_scope`.
+    pub prompt_version: Option<i64>,
+    /// `job` (its own prompt) or `global`.
+    pub prompt_scope: Option<String>,
+    /// Pipeline counters (segments, frames, drops, errors, lag...).
+    #[schema(value_type = Object)]
+    pub stats: Value,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ResultsQuery {
+    /// Return results with `seq` greater than this (a previous `next_after`).
+    pub after: Option<i64>,
+    /// At most this many results, 1 to 1000 (default 100).
+    pub limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ResultView {
+    /// 0, 1, 2 ... contiguous per job.
+    pub seq: i64,
+    /// Presentation time of the frame, milliseconds from the start of the media the job read.
+    pub pts_ms: i64,
+    pub prompt_version: i64,
+    pub prompt_scope: String,
+    pub model: String,
+    /// The model's answer; null when `error` is set.
+    pub output: Option<String>,
+    pub error: Option<String>,
+    pub batch_size: i64,
+    pub created_at: f64,
+    /// Milliseconds spent per phase: queue, preprocess, inference, total.
+    #[schema(value_type = Object)]
+    pub latency_ms: Value,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ResultsResponse {
+    pub job_id: String,
+    pub status: JobStatus,
+    pub results: Vec<ResultView>,
+    pub total_results: i64,
+    /// Pass as `after` to get the next results; unchanged when there are none yet.
+    pub next_after: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct JobsQuery {
+    /// Only jobs in this status.
+    pub status: Option<String>,
+    /// At most this many jobs, 1 to 1000 (default 50).
+    pub limit: Option<i64>,
+    /// A previous `next_after`: continue after it (newest first).
+    pub after: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobsResponse {
+    pub jobs: Vec<JobView>,
+    /// Jobs matching the filter, over all pages.
+    pub total: i64,
+    /// Pass as `after` for the next page; null on the last page.
+    pub next_after: Option<i64>,
+}
+
+fn limit(value: Option<i64>, default: i64) -> Result<i64, ApiError> {
+    match value {
+        None => Ok(default),
+        Some(n) if (1..=1000).contains(&n) => Ok(n),
+        Some(_) => Err(Invalid::new("limit", "limit must be from 1 to 1000").into()),
+    }
+}
+
+impl StartRequest {
+    fn into_job(self, state: &AppState) -> Result<StartJob, Invalid> {
+        let settings = &state.settings;
+        let stream_ref =
+            StreamRef::parse(&self.stream_ref, &settings.redis_host, settings.redis_port)?;
+        let prompt = self
+            .prompt
+            .as_deref()
+            .map(|p| PromptText::parse(p, settings.max_prompt_bytes))
+            .transpose()?;
+        let fps = Fps::parse(self.fps.unwrap_or(settings.default_fps))?;
+        let job_id = self.job_id.as_deref().map(JobId::parse).transpose()?;
+        let model = match self.model {
+            Some(m) if m.trim().is_empty() || m.len() > 256 => {
+                return Err(Invalid::new("model", "model must be 1-256 characters"))
+            }
+            other => other,
+        };
+        Ok(StartJob {
+            job_id,
+            stream_ref,
+            prompt,
+            fps,
+            model,
+            priority: self.priority.unwrap_or_default(),
+            from_beginning: self.from_beginning.unwrap_or(false),
+        })
+    }
+}
+
+pub(super) async fn job_view(state: &AppState, job: JobRecord) -> Result<JobView, ApiError> {
+    let id = JobId::parse(&job.job_id).map_err(|e| ApiError::Internal(e.into()))?;
+    let prompt = state.store.effective_prompt(&id).await?;
+    Ok(JobView {
+        prompt: prompt.as_ref().map(|p| p.prompt.clone()),
+        prompt_version: prompt.as_ref().map(|p| p.version),
+        prompt_scope: prompt
+            .as_ref()
+            .map(|p: &PromptVersion| p.scope.name().to_owned()),
+        job_id: job.job_id,
+        status: job.status,
+        stream_ref: job.stream_ref,
+        fps: job.fps,
+        created_at: job.created_at,
+        started_at: job.started_at,
+        completed_at: job.completed_at,
+        frames_processed: job.frames_processed,
+        results_count: job.results_count,
+        error: job.error,
+        source_type: if job.source_type == "redis" {
+            SourceType::Redis
+        } else {
+            SourceType::Hls
+        },
+        model: job
+            .model
+            .unwrap_or_else(|| state.models.default_name().to_owned()),
+        priority: job.priority,
+        from_beginning: job.from_beginning,
+        stats: job.stats,
+    })
+}
+
+fn result_view(r: ResultRecord) -> ResultView {
+    ResultView {
+        seq: r.seq,
+        pts_ms: r.pts_ms,
+        prompt_version: r.prompt_version,
+        prompt_scope: r.prompt_scope,
+        model: r.model,
+        output: r.output,
+        error: r.error,
+        batch_size: r.batch_size,
+        created_at: r.created_at,
+        latency_ms: r.latency,
+    }
+}
+
+/// Start inference on a stream. The job is stored as `pending` and picked up by a pipeline.
+#[utoipa::path(post, path = "/api/v1/inference/start", tag = "inference",
+    request_body = StartRequest,
+    responses(
+        (status = 202, description = "Job accepted", body = StartResponse),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 409, description = "job_id already taken", body = ErrorBody),
+        (status = 413, description = "Body over MAX_BODY_BYTES", body = ErrorBody),
+        (status = 422, description = "Invalid field (stream_ref form, fps range, prompt size, unknown field)", body = ErrorBody),
+        (status = 429, description = "MAX_CONCURRENT_STREAMS jobs already active (code too_many_active_jobs), or rate limited", body = ErrorBody),
+    ))]
+pub async fn start(
+    State(state): State<AppState>,
+    Json(body): Json<StartRequest>,
+) -> Result<(StatusCode, Json<StartResponse>), ApiError> {
+    let req = body.into_job(&state)?;
+    let job = state.jobs.start(req).await.map_err(|e| match e {
+        StartError::Conflict(_) => ApiError::Conflict(e.to_string()),
+        StartError::AtCapacity { .. } => ApiError::TooManyRequests {
+            message: e.to_string(),
+            retry_after_secs: 5,
+            code: "too_many_active_jobs",
+        },
+        StartError::Store(e) => e.into(),
+    })?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(StartResponse {
+            job_id: job.job_id,
+            status: job.status,
+            message: "Inference job started".to_owned(),
+        }),
+    ))
+}
+
+/// A job's status, counters and current prompt.
+#[utoipa::path(get, path = "/api/v1/inference/status/{job_id}", tag = "inference",
+    params(("job_id" = String, Path, description = "Job id")),
+    responses((status = 200, body = JobView), (status = 404, description = "Unknown job", body = ErrorBody)))]
+pub async fn status(
+    State(state): State<AppState>,
+    Path(job_id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let job = state
+        .store
+        .get_job(&job_id)
+        .await?
+        .ok_or_else(|| ApiError::job_not_found(&job_id))?;
+    Ok(Json(job_view(&state, job).await?))
+}
+
+/// A job's results in `seq` order. Poll with `after=next_after` to get each result exactly once.
+#[utoipa::path(get, path = "/api/v1/inference/results/{job_id}", tag = "inference",
+    params(("job_id" = String, Path, description = "Job id"), ResultsQuery),
+    responses((status = 200, body = ResultsResponse), (status = 404, description = "Unknown job", body = ErrorBody),
+        (status = 422, description = "limit or after out of range", body = ErrorBody)))]
+pub async fn results(
+    State(state): State<AppState>,
+    Path(job_id): Path<String>,
+    Query(q): Query<ResultsQuery>,
+) -> Result<Json<ResultsResponse>, ApiError> {
+    let limit = limit(q.limit, 100)?;
+    if q.after.is_some_and(|a| a < 0) {
+        return Err(Invalid::new("after", "after must be a seq (0 or more)").into());
+    }
+    let job = state
+        .store
+        .get_job(&job_id)
+        .await?
+        .ok_or_else(|| ApiError::job_not_found(&job_id))?;
+    let results = state.store.results(&job_id, q.after, limit).await?;
+    let next_after = results.last().map(|r| r.seq).or(q.after);
+    Ok(Json(ResultsResponse {
+        job_id: job.job_id,
+        status: job.status,
+        total_results: job.results_count,
+        results: results.into_iter().map(result_view).collect(),
+        next_after,
+    }))
+}
+
+/// Cancel a pending or running job; its stored results stay.
+#[utoipa::path(delete, path = "/api/v1/inference/cancel/{job_id}", tag = "inference",
+    params(("job_id" = String, Path, description = "Job id")),
+    responses((status = 200, body = StartResponse), (status = 404, description = "Unknown job", body = ErrorBody),
+        (status = 409, description = "Job already finished", body = ErrorBody)))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(job_id): Path<String>,
+) -> Result<Json<StartResponse>, ApiError> {
+    match state.jobs.cancel(&job_id).await? {
+        CancelOutcome::Cancelled(job) => Ok(Json(StartResponse {
+            job_id: job.job_id,
+            status: JobStatus::Cancelled,
+            message: "Job cancelled".to_owned(),
+        })),
+        CancelOutcome::NotFound => Err(ApiError::job_not_found(&job_id)),
+        CancelOutcome::AlreadyFinished(status) => Err(ApiError::Conflict(format!(
+            "job {job_id:?} already finished with status {}",
+            status.as_str()
+        ))),
+    }
+}
+
+/// Jobs, newest first, optionally filtered by status.
+#[utoipa::path(get, path = "/api/v1/inference/jobs", tag = "inference",
+    params(JobsQuery),
+    responses((status = 200, body = JobsResponse), (status = 422, description = "Unknown status or limit out of range", body = ErrorBody)))]
+pub async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<JobsQuery>,
+) -> Result<Json<JobsResponse>, ApiError> {
+    let limit = limit(q.limit, 50)?;
+    let status = match q.status.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
+            Invalid::new(
+                "status",
+                "status must be pending, running, completed, failed or cancelled",
+            )
+        })?),
+    };
+    let (jobs, total) = state.store.list_jobs(status, limit, q.after).await?;
+    let next_after = if jobs.len() as i64 == limit {
+        jobs.last().map(|j| j.list_seq)
+    } else {
+        None
+    };
+    let mut views = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        views.push(job_view(&state, job).await?);
+    }
+    Ok(Json(JobsResponse {
+        jobs: views,
+        total,
+        next_after,
+    }))
+}

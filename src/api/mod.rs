@@ -1,0 +1,153 @@
+//! The HTTP surface: the Free-Roam REST API (seed paths), probes, metrics and OpenAPI docs.
+//!
+//! Handlers parse request bodies into domain types and talk to the job manager and the
+//! store; they never reach into ingest or decoder internals. Layering, outermost first:
+//! request id, trace, CORS, metrics, timeout; `/api` routes add rate limits and API-key auth.
+
+pub mod error;
+pub mod health;
+pub mod inference;
+pub mod middleware;
+pub mod prompt;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderName, HeaderValue, Method};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_redoc::{Redoc, Servable};
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::config::Settings;
+use crate::jobs::JobManager;
+use crate::store::Store;
+use crate::vlm::Models;
+use error::ApiError;
+
+/// Everything a handler may use.
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub store: Store,
+    pub jobs: JobManager,
+    pub models: Models,
+    pub metrics: PrometheusHandle,
+    pub rate_limits: Arc<middleware::RateLimits>,
+    pub draining: Arc<AtomicBool>,
+    pub started: Instant,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "free-roam", description = "Watches video streams with vision-language models. \
+        Compatible with the Free-Roam inference service's API."),
+    paths(
+        inference::start, inference::status, inference::results, inference::cancel, inference::list,
+        prompt::update, prompt::current, prompt::history,
+        health::health, health::ready, health::live, health::metrics,
+    ),
+    components(schemas(error::ErrorBody, error::ErrorDetail)),
+    modifiers(&BearerAuth),
+    tags((name = "inference", description = "Jobs and their results"),
+         (name = "prompt", description = "Versioned prompts, global or per job"),
+         (name = "health", description = "Probes and metrics; no auth, no rate limit")),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        if let Some(components) = openapi.components.as_mut() {
+            components.add_security_scheme(
+                "api_key",
+                SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+            );
+        }
+    }
+}
+
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The whole service's router.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/api/v1/inference/start", post(inference::start))
+        .route("/api/v1/inference/status/{job_id}", get(inference::status))
+        .route(
+            "/api/v1/inference/results/{job_id}",
+            get(inference::results),
+        )
+        .route(
+            "/api/v1/inference/cancel/{job_id}",
+            delete(inference::cancel),
+        )
+        .route("/api/v1/inference/jobs", get(inference::list))
+        .route("/api/v1/prompt/update", post(prompt::update))
+        .route("/api/v1/prompt/current", get(prompt::current))
+        .route("/api/v1/prompt/history", get(prompt::history))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::require_api_key,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::rate_limit,
+        ));
+
+    let probes = Router::new()
+        .route("/health", get(health::health))
+        .route("/health/ready", get(health::ready))
+        .route("/health/live", get(health::live))
+        .route("/metrics", get(health::metrics));
+
+    let openapi = ApiDoc::openapi();
+    Router::new()
+        .merge(api)
+        .merge(probes)
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi.clone()))
+        .merge(Redoc::with_url("/redoc", openapi))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed("method not allowed on this route".into()) })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::timeout))
+        .layer(axum::middleware::from_fn(middleware::track))
+        .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        .layer(cors(&state.settings))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+            let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+            tracing::info_span!("request", method = %req.method(), uri = %req.uri().path(), request_id)
+        }))
+        .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
+        .with_state(state)
+}
+
+fn cors(settings: &Settings) -> CorsLayer {
+    let origins = &settings.cors_origins;
+    if origins.is_empty() {
+        return CorsLayer::new();
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            REQUEST_ID.clone(),
+        ])
+        .expose_headers([REQUEST_ID.clone(), header::RETRY_AFTER])
+}

@@ -1,0 +1,11 @@
+//! Black-box tests: the service started on port 0, talked to over HTTP, on SQLite and on
+//! PostgreSQL. One test binary (every file under tests/ would link the crate again).
+
+mod helpers;
+
+mod errors;
+mod health;
+mod jobs;
+mod lifecycle;
+mod prompts;
+mod protection;
