@@ -206,3 +206,36 @@ pub async fn track(req: Request, next: Next) -> Response {
         .record(start.elapsed().as_secs_f64());
     response
 }
+
+/// Largest body read and thrown away to answer an oversized request with a clean 413.
+const DRAIN_CAP: u64 = 64 << 20;
+
+/// Answers a request whose Content-Length is over MAX_BODY_BYTES with 413 before any handler
+/// runs. The body is read and discarded (up to 64 MiB) first, so the client, still sending,
+/// receives the JSON error instead of a reset connection; beyond that the connection closes.
+pub async fn reject_oversized(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let limit = state.settings.max_body_bytes as u64;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let Some(declared) = declared.filter(|n| *n > limit) else {
+        return next.run(req).await;
+    };
+    let mut response = ApiError::PayloadTooLarge.into_response();
+    if declared <= DRAIN_CAP {
+        use futures::StreamExt;
+        let mut body = req.into_body().into_data_stream();
+        while let Some(chunk) = body.next().await {
+            if chunk.is_err() {
+                break;
+            }
+        }
+    } else {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
