@@ -40,11 +40,27 @@ variables! {
     "OPENAI_MODEL" = "" : "Model name sent to the OpenAI-compatible server.";
     "OPENAI_API_KEY" = "" : "Bearer token for the OpenAI-compatible server; empty for none.";
     "OPENAI_MAX_CONCURRENCY" = "4" : "Requests in flight at once to the OpenAI-compatible server.";
+    "OPENAI_TIMEOUT_SECS" = "60" : "Timeout of one request to the OpenAI-compatible server.";
+    "OPENAI_MAX_RETRIES" = "3" : "Retries of a request that timed out or got 429/5xx (Retry-After is honoured).";
+    "OPENAI_MAX_TOKENS" = "256" : "max_tokens sent with each request.";
+    "OPENAI_TEMPERATURE" = "0" : "temperature sent with each request (0 is greedy).";
     "DEFAULT_FPS" = "2.0" : "Frames sampled per second of media when a job gives no fps (0.1 to 60).";
     "MAX_BATCH_SIZE" = "8" : "Largest batch of frames sent to the model at once.";
     "MAX_BATCH_WAIT_MS" = "50" : "Longest a frame waits for its batch to fill before the batch is sent.";
     "DEFAULT_PROMPT" = "Describe what is happening in this frame." : "Global prompt version 1, used until a global prompt is posted.";
     "MAX_PROMPT_BYTES" = "8192" : "Largest prompt accepted, in bytes of UTF-8.";
+    "MAX_INPUT_HEIGHT" = "720" : "HLS master playlists: the highest-bandwidth variant at most this tall is chosen.";
+    "MAX_FRAME_PIXELS" = "8294400" : "Frames with more pixels than this (default 3840x2160) fail the job.";
+    "JOB_QUEUE_FRAMES" = "16" : "Frames a job may have waiting for the model; live HLS drops the oldest beyond it, VOD and Redis wait.";
+    "HLS_FETCH_TIMEOUT_SECS" = "10" : "Timeout of one playlist or segment request.";
+    "HLS_FETCH_RETRIES" = "3" : "Retries of a failed playlist or segment request (capped, jittered backoff).";
+    "HLS_STALL_TARGET_DURATIONS" = "6" : "A live playlist that adds nothing (or cannot be fetched) for this many target durations fails the job.";
+    "MAX_PLAYLIST_BYTES" = "1048576" : "Largest playlist accepted.";
+    "MAX_SEGMENT_BYTES" = "52428800" : "Largest segment (or init section) accepted.";
+    "SEGMENT_DECODE_TIMEOUT_SECS" = "30" : "A segment still decoding after this long is abandoned and counted.";
+    "ALLOW_PRIVATE_NETWORKS" = "false" : "Allow HLS URLs that resolve to loopback, private, link-local or metadata addresses.";
+    "NETWORK_ALLOWLIST" = "" : "Comma-separated hosts exempt from the private-address check.";
+    "REDIS_BLOCK_MS" = "1000" : "How long one XREADGROUP waits for new entries.";
     "REDIS_HOST" = "localhost" : "Redis host for bare stream keys (the seed's form of stream_ref).";
     "REDIS_PORT" = "6379" : "Redis port for bare stream keys.";
     "MAX_CONCURRENT_STREAMS" = "10" : "Most jobs pending or running at once; more are refused with 429.";
@@ -113,6 +129,27 @@ pub struct OpenAiSettings {
     pub model: String,
     pub api_key: Option<String>,
     pub max_concurrency: usize,
+    pub timeout: Duration,
+    pub max_retries: u32,
+    pub max_tokens: u32,
+    pub temperature: f64,
+}
+
+/// How pipelines fetch, decode and queue.
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    pub max_input_height: u64,
+    pub max_frame_pixels: u64,
+    pub job_queue_frames: usize,
+    pub fetch_timeout: Duration,
+    pub fetch_retries: u32,
+    pub stall_target_durations: u32,
+    pub max_playlist_bytes: usize,
+    pub max_segment_bytes: usize,
+    pub segment_decode_timeout: Duration,
+    pub allow_private_networks: bool,
+    pub network_allowlist: Vec<String>,
+    pub redis_block: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -136,6 +173,7 @@ pub struct Settings {
     pub model_type: ModelType,
     pub device: Device,
     pub openai: OpenAiSettings,
+    pub pipeline: PipelineSettings,
     pub default_fps: f64,
     pub max_batch_size: usize,
     pub max_batch_wait: Duration,
@@ -379,6 +417,80 @@ impl Source {
                     "a whole number from 1 to 1024",
                     |v: &usize| (1..=1024).contains(v),
                 )?,
+                timeout: Duration::from_secs(self.ranged(
+                    "OPENAI_TIMEOUT_SECS",
+                    "seconds from 1 to 3600",
+                    |v: &u64| (1..=3600).contains(v),
+                )?),
+                max_retries: self.ranged(
+                    "OPENAI_MAX_RETRIES",
+                    "a whole number from 0 to 20",
+                    |v: &u32| *v <= 20,
+                )?,
+                max_tokens: self.ranged(
+                    "OPENAI_MAX_TOKENS",
+                    "a whole number from 1 to 32768",
+                    |v: &u32| (1..=32768).contains(v),
+                )?,
+                temperature: self.ranged(
+                    "OPENAI_TEMPERATURE",
+                    "a number from 0 to 2",
+                    |v: &f64| (0.0..=2.0).contains(v),
+                )?,
+            },
+            pipeline: PipelineSettings {
+                max_input_height: self.ranged(
+                    "MAX_INPUT_HEIGHT",
+                    "pixels from 1 to 100000",
+                    |v: &u64| (1..=100_000).contains(v),
+                )?,
+                max_frame_pixels: self.ranged(
+                    "MAX_FRAME_PIXELS",
+                    "a whole number above 0",
+                    |v: &u64| *v > 0,
+                )?,
+                job_queue_frames: self.ranged(
+                    "JOB_QUEUE_FRAMES",
+                    "a whole number from 1 to 10000",
+                    |v: &usize| (1..=10_000).contains(v),
+                )?,
+                fetch_timeout: Duration::from_secs(self.ranged(
+                    "HLS_FETCH_TIMEOUT_SECS",
+                    "seconds from 1 to 600",
+                    |v: &u64| (1..=600).contains(v),
+                )?),
+                fetch_retries: self.ranged(
+                    "HLS_FETCH_RETRIES",
+                    "a whole number from 0 to 20",
+                    |v: &u32| *v <= 20,
+                )?,
+                stall_target_durations: self.ranged(
+                    "HLS_STALL_TARGET_DURATIONS",
+                    "a whole number from 1 to 1000",
+                    |v: &u32| (1..=1000).contains(v),
+                )?,
+                max_playlist_bytes: self.ranged(
+                    "MAX_PLAYLIST_BYTES",
+                    "bytes from 1024 up",
+                    |v: &usize| *v >= 1024,
+                )?,
+                max_segment_bytes: self.ranged(
+                    "MAX_SEGMENT_BYTES",
+                    "bytes from 1024 up",
+                    |v: &usize| *v >= 1024,
+                )?,
+                segment_decode_timeout: Duration::from_secs(self.ranged(
+                    "SEGMENT_DECODE_TIMEOUT_SECS",
+                    "seconds from 1 to 3600",
+                    |v: &u64| (1..=3600).contains(v),
+                )?),
+                allow_private_networks: self.flag("ALLOW_PRIVATE_NETWORKS")?,
+                network_allowlist: self.list("NETWORK_ALLOWLIST"),
+                redis_block: Duration::from_millis(self.ranged(
+                    "REDIS_BLOCK_MS",
+                    "milliseconds from 10 to 60000",
+                    |v: &u64| (10..=60_000).contains(v),
+                )?),
             },
             default_fps: self.ranged("DEFAULT_FPS", "a number from 0.1 to 60", |v: &f64| {
                 crate::domain::Fps::RANGE.contains(v)

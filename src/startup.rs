@@ -44,7 +44,8 @@ impl Application {
             .await
             .context("cannot write the default global prompt")?;
         let models = Models::from_settings(&settings);
-        let jobs = JobManager::new(store.clone(), settings.clone());
+        let jobs = JobManager::new(store.clone(), settings.clone(), models.clone())
+            .context("cannot build the job manager")?;
         let listener = TcpListener::bind((settings.host.as_str(), settings.port))
             .await
             .with_context(|| {
@@ -95,6 +96,21 @@ impl Application {
         } = self;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "free-roam listening");
+
+        tokio::spawn(
+            state
+                .models
+                .clone()
+                .watch(Duration::from_secs(10), shutdown.clone()),
+        );
+        let resumed = state
+            .jobs
+            .resume()
+            .await
+            .context("cannot read unfinished jobs")?;
+        if resumed > 0 {
+            tracing::info!(resumed, "resumed unfinished jobs");
+        }
 
         let limits = state.rate_limits.clone();
         let sweeper_stop = shutdown.clone();

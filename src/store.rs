@@ -464,6 +464,22 @@ impl Store {
         Ok(())
     }
 
+    /// Saves a job's counters only.
+    pub async fn save_stats(
+        &self,
+        job_id: &str,
+        frames_processed: i64,
+        stats: &Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE jobs SET frames_processed = $2, stats = $3 WHERE job_id = $1")
+            .bind(job_id)
+            .bind(frames_processed)
+            .bind(stats.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     // ---- prompts ----
 
     /// Appends the next version in `scope`; versions rise by one and are never rewritten.

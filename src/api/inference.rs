@@ -169,6 +169,10 @@ impl StartRequest {
 pub(super) async fn job_view(state: &AppState, job: JobRecord) -> Result<JobView, ApiError> {
     let id = JobId::parse(&job.job_id).map_err(|e| ApiError::Internal(e.into()))?;
     let prompt = state.store.effective_prompt(&id).await?;
+    let stats = match state.jobs.live_stats(&job.job_id) {
+        Some(live) => serde_json::to_value(live).unwrap_or(job.stats),
+        None => job.stats,
+    };
     Ok(JobView {
         prompt: prompt.as_ref().map(|p| p.prompt.clone()),
         prompt_version: prompt.as_ref().map(|p| p.version),
@@ -195,7 +199,7 @@ pub(super) async fn job_view(state: &AppState, job: JobRecord) -> Result<JobView
             .unwrap_or_else(|| state.models.default_name().to_owned()),
         priority: job.priority,
         from_beginning: job.from_beginning,
-        stats: job.stats,
+        stats,
     })
 }
 

@@ -4,11 +4,46 @@
 //! failed: why). Probes read readiness from here; the batcher calls backends through the
 //! [`Backend`] trait. Nothing here touches SQL or HTTP routing.
 
+pub mod openai;
+
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::config::{ModelType, Settings};
+use crate::media::Frame;
+
+/// One frame and the prompt to answer about it.
+#[derive(Debug, Clone)]
+pub struct InferRequest {
+    pub frame: Arc<Frame>,
+    pub prompt: String,
+}
+
+/// The answer for one request, or why there is none, with the time spent on it.
+#[derive(Debug, Clone)]
+pub struct InferOutput {
+    pub output: Result<String, String>,
+    pub preprocess_ms: f64,
+    pub inference_ms: f64,
+}
+
+/// A vision-language model. The one place a new model plugs in: it takes a batch of
+/// (frame, prompt) pairs and returns one output or one error per pair, in order.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Runs a batch on `model` (the job's model name, or the default).
+    async fn infer(&self, model: &str, batch: Vec<InferRequest>) -> Vec<InferOutput>;
+
+    /// Whether the backend can answer now; `Ok` carries a short description.
+    async fn check(&self) -> Result<String, String>;
+
+    /// Batches this backend can usefully run at once.
+    fn concurrent_batches(&self) -> usize {
+        1
+    }
+}
 
 /// Whether the model backend can take frames now, and if not, why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -40,6 +75,7 @@ impl Readiness {
 pub struct Models {
     default_name: String,
     readiness: Arc<RwLock<Readiness>>,
+    backend: Option<Arc<dyn Backend>>,
 }
 
 pub const NOT_CONFIGURED: &str = "no model configured: set MODEL_TYPE=openai with OPENAI_BASE_URL \
@@ -47,14 +83,21 @@ pub const NOT_CONFIGURED: &str = "no model configured: set MODEL_TYPE=openai wit
 
 impl Models {
     pub fn from_settings(settings: &Settings) -> Self {
+        let mut backend: Option<Arc<dyn Backend>> = None;
         let (name, readiness) = match (settings.model_type, &settings.model_path) {
-            (ModelType::OpenAi, _) => (
-                settings.openai.model.clone(),
-                Readiness::Loading(format!(
-                    "checking the OpenAI-compatible server at {}",
-                    settings.openai.base_url
-                )),
-            ),
+            (ModelType::OpenAi, _) => match openai::OpenAiBackend::new(&settings.openai) {
+                Ok(b) => {
+                    backend = Some(Arc::new(b));
+                    (
+                        settings.openai.model.clone(),
+                        Readiness::Loading(format!(
+                            "checking the OpenAI-compatible server at {}",
+                            settings.openai.base_url
+                        )),
+                    )
+                }
+                Err(e) => (settings.openai.model.clone(), Readiness::Failed(e)),
+            },
             (ModelType::Auto, Some(path)) => (
                 path.file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -73,6 +116,55 @@ impl Models {
         Self {
             default_name: name,
             readiness: Arc::new(RwLock::new(readiness)),
+            backend,
+        }
+    }
+
+    /// The backend, if one is configured.
+    pub fn backend(&self) -> Option<Arc<dyn Backend>> {
+        self.backend.clone()
+    }
+
+    /// Checks the backend now and then, keeping readiness current, until `stop`.
+    pub async fn watch(self, every: Duration, stop: tokio_util::sync::CancellationToken) {
+        let Some(backend) = self.backend.clone() else {
+            return;
+        };
+        loop {
+            let readiness = match tokio::time::timeout(Duration::from_secs(5), backend.check())
+                .await
+            {
+                Ok(Ok(what)) => Readiness::Ready(what),
+                Ok(Err(why)) => Readiness::Failed(why),
+                Err(_) => Readiness::Failed("the model backend did not answer within 5 s".into()),
+            };
+            if readiness != self.readiness() {
+                tracing::info!(?readiness, "model backend readiness changed");
+            }
+            self.set_readiness(readiness);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// Waits until the backend is ready; `Err` says why it never will be.
+    pub async fn wait_ready(
+        &self,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<Arc<dyn Backend>, String> {
+        loop {
+            match (self.readiness(), &self.backend) {
+                (Readiness::Ready(_), Some(b)) => return Ok(b.clone()),
+                (Readiness::NotConfigured(why), _) => return Err(why),
+                (_, None) => return Err(self.readiness().detail().to_owned()),
+                _ => {}
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return Err("stopped".into()),
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
         }
     }
 

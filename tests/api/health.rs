@@ -9,7 +9,7 @@ use crate::helpers::{Db, TestApp};
 db_tests!(probes_report_each_component, metrics_use_route_templates);
 
 async fn probes_report_each_component(db: Db) {
-    let app = TestApp::spawn(db).await;
+    let app = TestApp::spawn_with(db, &[("MODEL_TYPE", "auto")]).await;
     let live = app.get("/health/live").await;
     assert_eq!(live.status, StatusCode::OK);
 

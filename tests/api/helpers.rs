@@ -100,6 +100,10 @@ impl TestApp {
             ("LOG_LEVEL", "warn"),
             ("LOG_FORMAT", "text"),
             ("RATE_LIMIT_ENABLED", "false"),
+            // A model server that never answers: jobs wait for it, so they stay active.
+            ("MODEL_TYPE", "openai"),
+            ("OPENAI_BASE_URL", "http://127.0.0.1:9/v1"),
+            ("OPENAI_MODEL", "test-model"),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -1,0 +1,235 @@
+//! The HLS source: loads the playlist (choosing a variant from a master), then hands each
+//! media segment, once, in media-sequence order, to the decoder stage.
+//!
+//! VOD (EXT-X-ENDLIST) is read whole. Live playlists start at the live edge (the newest
+//! segment) unless `from_beginning`, and reload per RFC 8216 §6.3.4: after the target
+//! duration when the playlist changed, after half of it when it did not. A playlist that adds
+//! nothing, or cannot be fetched, for `stall_target_durations` target durations ends the job.
+
+pub mod fetch;
+pub mod playlist;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use self::fetch::{FetchError, Fetcher};
+use self::playlist::{Playlist, Resource, Segment};
+use crate::stats::Stats;
+
+#[derive(Debug, Clone)]
+pub struct HlsLimits {
+    pub max_input_height: u64,
+    pub max_playlist_bytes: usize,
+    pub max_segment_bytes: usize,
+    pub stall_target_durations: u32,
+}
+
+/// A fetched segment, ready to demux: for fMP4 the init section comes first.
+#[derive(Debug)]
+pub struct SegmentData {
+    pub seq: u64,
+    pub bytes: Vec<u8>,
+    pub duration_ms: f64,
+    pub discontinuity: bool,
+}
+
+/// What the source hands to the decoder stage.
+#[derive(Debug)]
+pub enum HlsEvent {
+    /// The playlist was read: `live` unless it carries EXT-X-ENDLIST.
+    Started {
+        live: bool,
+    },
+    Segment(SegmentData),
+    /// The segment could not be fetched after retries; it is skipped.
+    Failed {
+        seq: u64,
+        duration_ms: f64,
+        error: String,
+    },
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HlsError {
+    #[error("{0}")]
+    Fetch(#[from] FetchError),
+    #[error("{0}")]
+    Playlist(#[from] playlist::PlaylistError),
+    #[error("the variant playlist is a master playlist again")]
+    NestedMaster,
+    #[error("live playlist stalled: no new segment for {0:.0} s")]
+    Stalled(f64),
+    #[error("playlist unavailable for {secs:.0} s: {last_error}")]
+    Vanished { secs: f64, last_error: String },
+}
+
+pub struct HlsSource {
+    pub url: Url,
+    pub fetcher: Fetcher,
+    pub limits: HlsLimits,
+    pub from_beginning: bool,
+    /// Resume: the last media sequence already handed on by an earlier run.
+    pub resume_after: Option<u64>,
+}
+
+impl HlsSource {
+    /// Runs until the VOD ends (Ok), a fatal error, or cancellation (Ok).
+    pub async fn run(
+        self,
+        tx: mpsc::Sender<HlsEvent>,
+        stats: Arc<Stats>,
+        cancel: CancellationToken,
+    ) -> Result<(), HlsError> {
+        let (media_url, mut playlist) = match self.load(&self.url, &cancel).await? {
+            Playlist::Media(m) => (self.url.clone(), m),
+            Playlist::Master(variants) => {
+                let chosen = playlist::choose_variant(&variants, self.limits.max_input_height)
+                    .ok_or(HlsError::NestedMaster)?
+                    .clone();
+                tracing::info!(variant = %chosen.url, bandwidth = chosen.bandwidth, height = ?chosen.height, "chose HLS variant");
+                match self.load(&chosen.url, &cancel).await? {
+                    Playlist::Media(m) => (chosen.url, m),
+                    Playlist::Master(_) => return Err(HlsError::NestedMaster),
+                }
+            }
+        };
+        let first = playlist.segments.first().map(|s| s.seq).unwrap_or(0);
+        let mut next_seq = match self.resume_after {
+            Some(done) => done + 1,
+            None if playlist.ended || self.from_beginning => first,
+            None => playlist.last_seq().unwrap_or(first),
+        };
+        if tx
+            .send(HlsEvent::Started {
+                live: !playlist.ended,
+            })
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        let mut init_cache: Option<(Resource, Vec<u8>)> = None;
+        let mut listed_ms = 0.0;
+        let mut last_change = Instant::now();
+        loop {
+            if let Some(oldest) = playlist.segments.first().map(|s| s.seq) {
+                if next_seq < oldest {
+                    // Segments left the playlist before we got to them.
+                    Stats::add(&stats.segments_missed, oldest - next_seq);
+                    next_seq = oldest;
+                }
+            }
+            let start = next_seq;
+            for segment in playlist.segments.iter().filter(|s| s.seq >= start) {
+                listed_ms += segment.duration_ms;
+                stats.listed_ms.store(listed_ms as i64, Ordering::Relaxed);
+                let event = match self.fetch_segment(segment, &mut init_cache, &cancel).await {
+                    Ok(bytes) => {
+                        Stats::add(&stats.segments_fetched, 1);
+                        HlsEvent::Segment(SegmentData {
+                            seq: segment.seq,
+                            bytes,
+                            duration_ms: segment.duration_ms,
+                            discontinuity: segment.discontinuity,
+                        })
+                    }
+                    Err(FetchError::Cancelled) => return Ok(()),
+                    Err(e @ FetchError::Refused(_)) => return Err(e.into()),
+                    Err(e) => HlsEvent::Failed {
+                        seq: segment.seq,
+                        duration_ms: segment.duration_ms,
+                        error: e.to_string(),
+                    },
+                };
+                next_seq = segment.seq + 1;
+                if tx.send(event).await.is_err() {
+                    return Ok(());
+                }
+            }
+            if playlist.ended {
+                return Ok(());
+            }
+            // RFC 8216 §6.3.4 reload timing; stall and vanish detection.
+            let mut wait = Duration::from_millis(playlist.target_duration_ms as u64);
+            let stall_limit = Duration::from_millis(
+                (playlist.target_duration_ms * f64::from(self.limits.stall_target_durations))
+                    as u64,
+            );
+            let mut failing_since: Option<(Instant, String)> = None;
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                match self.load(&media_url, &cancel).await {
+                    Ok(Playlist::Media(m)) => {
+                        if m.last_seq() != playlist.last_seq() || m.ended != playlist.ended {
+                            last_change = Instant::now();
+                            playlist = m;
+                            break;
+                        }
+                        playlist = m;
+                        if last_change.elapsed() > stall_limit {
+                            return Err(HlsError::Stalled(last_change.elapsed().as_secs_f64()));
+                        }
+                        wait = Duration::from_millis((playlist.target_duration_ms / 2.0) as u64);
+                    }
+                    Ok(Playlist::Master(_)) => return Err(HlsError::NestedMaster),
+                    Err(HlsError::Fetch(FetchError::Cancelled)) => return Ok(()),
+                    Err(e @ HlsError::Fetch(FetchError::Refused(_))) => return Err(e),
+                    Err(e) => {
+                        let since =
+                            failing_since.get_or_insert_with(|| (Instant::now(), String::new()));
+                        since.1 = e.to_string();
+                        if since.0.elapsed() > stall_limit || last_change.elapsed() > stall_limit {
+                            return Err(HlsError::Vanished {
+                                secs: last_change.elapsed().as_secs_f64(),
+                                last_error: since.1.clone(),
+                            });
+                        }
+                        wait = Duration::from_millis((playlist.target_duration_ms / 2.0) as u64);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn load(&self, url: &Url, cancel: &CancellationToken) -> Result<Playlist, HlsError> {
+        let resource = Resource {
+            url: url.clone(),
+            range: None,
+        };
+        let bytes = self
+            .fetcher
+            .fetch(&resource, self.limits.max_playlist_bytes, cancel)
+            .await?;
+        Ok(playlist::parse(&bytes, url)?)
+    }
+
+    async fn fetch_segment(
+        &self,
+        segment: &Segment,
+        init_cache: &mut Option<(Resource, Vec<u8>)>,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<u8>, FetchError> {
+        let limit = self.limits.max_segment_bytes;
+        let mut bytes = Vec::new();
+        if let Some(init) = &segment.init {
+            if init_cache.as_ref().is_none_or(|(r, _)| r != init) {
+                let data = self.fetcher.fetch(init, limit, cancel).await?;
+                *init_cache = Some((init.clone(), data));
+            }
+            if let Some((_, data)) = init_cache {
+                bytes.extend_from_slice(data);
+            }
+        }
+        bytes.extend(self.fetcher.fetch(&segment.resource, limit, cancel).await?);
+        Ok(bytes)
+    }
+}

@@ -1,0 +1,496 @@
+//! One job's pipeline: source → decode and sample → the model's batcher → the writer that
+//! stores each answer in order.
+//!
+//! The writer is the only stage that touches the store for results: it awaits answers in the
+//! order frames were sampled (so `seq` follows media time), acknowledges Redis entries after
+//! their result is stored, and saves the job's progress (last HLS segment, decoder and
+//! sampler state) once everything before that point is stored, so a restart resumes there.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use super::dispatch::{Done, Work};
+use crate::batch::{Batcher, LaneHandle, WhenFull};
+use crate::config::Settings;
+use crate::domain::{JobId, Source};
+use crate::ingest::hls::fetch::Fetcher;
+use crate::ingest::hls::{HlsEvent, HlsLimits, HlsSource};
+use crate::ingest::redis::{Acker, RedisSource, RedisSourceConfig};
+use crate::media::decode::{decode_segment, DecodeError, DecodeLimits, DecodeState};
+use crate::media::sampler::Sampler;
+use crate::media::Frame;
+use crate::retry::Backoff;
+use crate::stats::Stats;
+use crate::store::{JobRecord, NewResult, Store};
+
+/// How a pipeline ended.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    /// The source ended (a VOD was read whole).
+    Completed,
+    Failed(String),
+    /// Cancelled or shut down; the job's stored state is left for whoever comes next.
+    Stopped,
+}
+
+/// What a restart needs, saved in `jobs.progress`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// The last HLS media sequence whose results are all stored.
+    pub hls_last_seq: Option<u64>,
+    pub decode: Option<DecodeState>,
+    pub sampler: Option<Sampler>,
+}
+
+/// What the writer receives, in sampling order.
+enum Pending {
+    Frame {
+        pts_ms: i64,
+        reply: oneshot::Receiver<Done>,
+        ack: Option<String>,
+    },
+    /// Acknowledge a Redis entry that produced no frame (skipped by the sampler, invalid).
+    Ack(String),
+    /// Everything before this is stored: save the progress.
+    Checkpoint(Progress),
+}
+
+pub struct Pipeline {
+    pub job: JobRecord,
+    pub job_id: JobId,
+    pub source: Source,
+    pub model: String,
+    pub store: Store,
+    pub settings: Arc<Settings>,
+    pub stats: Arc<Stats>,
+    pub batcher: Arc<Batcher<Work>>,
+    pub fetcher: Fetcher,
+    pub cancel: CancellationToken,
+}
+
+impl Pipeline {
+    pub async fn run(self) -> Outcome {
+        let progress: Progress =
+            serde_json::from_value(self.job.progress.clone()).unwrap_or_default();
+        let lane = self.batcher.lane(
+            self.job.priority.weight(),
+            self.settings.pipeline.job_queue_frames,
+            WhenFull::Block,
+        );
+        let (pending_tx, pending_rx) =
+            mpsc::channel(self.settings.pipeline.job_queue_frames * 2 + 64);
+        let (acker, source_ended) = match self.source.clone() {
+            Source::Hls(url) => (None, self.hls(url, progress, &lane, pending_tx).boxed()),
+            Source::Redis { server, key } => match self.redis_source(server, key) {
+                Ok(source) => {
+                    let acker = source.acker();
+                    (
+                        Some(acker),
+                        self.redis(source, progress, &lane, pending_tx).boxed(),
+                    )
+                }
+                Err(e) => return Outcome::Failed(format!("invalid Redis stream reference: {e}")),
+            },
+        };
+        let writer = Writer {
+            store: self.store.clone(),
+            job_id: self.job_id.clone(),
+            model: self.model.clone(),
+            stats: self.stats.clone(),
+            acker,
+            cancel: self.cancel.clone(),
+        };
+        let (ended, ()) = tokio::join!(source_ended, writer.run(pending_rx));
+        writer_final_save(&self.store, &self.job_id, &self.stats).await;
+        if self.cancel.is_cancelled() {
+            return Outcome::Stopped;
+        }
+        ended
+    }
+
+    /// Fetch and decode loop for HLS; returns when the source ends, fails or is cancelled.
+    async fn hls(
+        &self,
+        url: Url,
+        progress: Progress,
+        lane: &LaneHandle<Work>,
+        pending: mpsc::Sender<Pending>,
+    ) -> Outcome {
+        let p = &self.settings.pipeline;
+        let source = HlsSource {
+            url,
+            fetcher: self.fetcher.clone(),
+            limits: HlsLimits {
+                max_input_height: p.max_input_height,
+                max_playlist_bytes: p.max_playlist_bytes,
+                max_segment_bytes: p.max_segment_bytes,
+                stall_target_durations: p.stall_target_durations,
+            },
+            from_beginning: self.job.from_beginning,
+            resume_after: progress.hls_last_seq,
+        };
+        let stop = self.cancel.child_token();
+        let (tx, mut rx) = mpsc::channel(2);
+        let source_task = tokio::spawn(source.run(tx, self.stats.clone(), stop.clone()));
+        let mut decode = progress.decode.unwrap_or_default();
+        let mut sampler = progress
+            .sampler
+            .unwrap_or_else(|| Sampler::new(self.job.fps));
+        let limits = DecodeLimits {
+            max_frame_pixels: p.max_frame_pixels,
+            deadline: p.segment_decode_timeout,
+        };
+        let mut failure = None;
+        while let Some(event) = tokio::select! { _ = stop.cancelled() => None, e = rx.recv() => e }
+        {
+            match event {
+                HlsEvent::Started { live } => lane.set_when_full(if live {
+                    WhenFull::DropOldest
+                } else {
+                    WhenFull::Block
+                }),
+                HlsEvent::Failed {
+                    seq,
+                    duration_ms,
+                    error,
+                } => {
+                    tracing::warn!(job_id = %self.job_id, seq, %error, "segment skipped");
+                    Stats::add(&self.stats.segments_failed, 1);
+                    decode.timeline.skip_segment(duration_ms);
+                }
+                HlsEvent::Segment(seg) => {
+                    let seq = seg.seq;
+                    let duration_ms = seg.duration_ms;
+                    let (mut st, mut sm, lim) = (decode.clone(), sampler.clone(), limits.clone());
+                    let started = std::time::Instant::now();
+                    let span = tracing::Span::current();
+                    let joined = tokio::task::spawn_blocking(move || {
+                        let _g = span.enter();
+                        let r = decode_segment(
+                            seg.bytes,
+                            seg.duration_ms,
+                            seg.discontinuity,
+                            &mut st,
+                            &mut sm,
+                            &lim,
+                        );
+                        (r, st, sm)
+                    })
+                    .await;
+                    metrics::histogram!("free_roam_stage_seconds", "stage" => "decode", "model" => "").record(started.elapsed().as_secs_f64());
+                    let Ok((result, st, sm)) = joined else {
+                        failure = Some("the decoder crashed".to_owned());
+                        break;
+                    };
+                    match result {
+                        Ok(out) => {
+                            decode = st;
+                            sampler = sm;
+                            Stats::add(&self.stats.frames_decoded, out.frames_decoded);
+                            Stats::add(&self.stats.corrupt_packets, out.corrupt);
+                            Stats::add(&self.stats.frames_sampled, out.frames.len() as u64);
+                            if out.timed_out {
+                                Stats::add(&self.stats.segments_timed_out, 1);
+                            }
+                            for frame in out.frames {
+                                if !self.submit(lane, frame, None, &pending, &stop).await {
+                                    break;
+                                }
+                            }
+                            let checkpoint = Progress {
+                                hls_last_seq: Some(seq),
+                                decode: Some(decode.clone()),
+                                sampler: Some(sampler.clone()),
+                            };
+                            if pending.send(Pending::Checkpoint(checkpoint)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(e @ DecodeError::FrameTooLarge { .. }) => {
+                            failure = Some(e.to_string());
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(job_id = %self.job_id, seq, error = %e, "segment not decodable; skipped");
+                            Stats::add(&self.stats.segments_failed, 1);
+                            decode.timeline.skip_segment(duration_ms);
+                        }
+                    }
+                }
+            }
+        }
+        drop(pending);
+        stop.cancel();
+        let source_result = source_task.await;
+        if let Some(f) = failure {
+            return Outcome::Failed(f);
+        }
+        match source_result {
+            Ok(Ok(())) => Outcome::Completed,
+            Ok(Err(e)) => Outcome::Failed(e.to_string()),
+            Err(_) => Outcome::Failed("the HLS source crashed".into()),
+        }
+    }
+
+    fn redis_source(&self, server: Url, key: String) -> Result<RedisSource, redis::RedisError> {
+        RedisSource::new(RedisSourceConfig {
+            server,
+            key,
+            group: format!("free-roam:{}", self.job_id),
+            consumer: "free-roam".to_owned(),
+            from_beginning: self.job.from_beginning,
+            block: self.settings.pipeline.redis_block,
+            batch: self.settings.max_batch_size.max(8),
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5), u32::MAX),
+        })
+    }
+
+    /// Read, sample and decode loop for a Redis stream; runs until cancelled.
+    async fn redis(
+        &self,
+        source: RedisSource,
+        progress: Progress,
+        lane: &LaneHandle<Work>,
+        pending: mpsc::Sender<Pending>,
+    ) -> Outcome {
+        let stop = self.cancel.child_token();
+        let (tx, mut rx) = mpsc::channel(self.settings.max_batch_size * 2);
+        let source_task = tokio::spawn(source.run(tx, self.stats.clone(), stop.clone()));
+        let mut sampler = progress
+            .sampler
+            .unwrap_or_else(|| Sampler::new(self.job.fps));
+        let max_pixels = self.settings.pipeline.max_frame_pixels;
+        while let Some(entry) = tokio::select! { _ = stop.cancelled() => None, e = rx.recv() => e }
+        {
+            if !sampler.offer(entry.ts_ms as f64) {
+                if pending.send(Pending::Ack(entry.id)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            let Some(bytes) = entry.frame else {
+                Stats::add(&self.stats.entries_invalid, 1);
+                tracing::warn!(job_id = %self.job_id, id = %entry.id, "entry has no `frame` field; skipped");
+                if pending.send(Pending::Ack(entry.id)).await.is_err() {
+                    break;
+                }
+                continue;
+            };
+            let ts = entry.ts_ms;
+            let decoded =
+                tokio::task::spawn_blocking(move || Frame::from_encoded(&bytes, ts, max_pixels))
+                    .await;
+            match decoded {
+                Ok(Ok(frame)) => {
+                    Stats::add(&self.stats.frames_sampled, 1);
+                    if !self
+                        .submit(lane, frame, Some(entry.id), &pending, &stop)
+                        .await
+                    {
+                        break;
+                    }
+                    let checkpoint = Progress {
+                        sampler: Some(sampler.clone()),
+                        ..Progress::default()
+                    };
+                    if pending.send(Pending::Checkpoint(checkpoint)).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Err(why)) => {
+                    Stats::add(&self.stats.entries_invalid, 1);
+                    tracing::warn!(job_id = %self.job_id, id = %entry.id, %why, "entry frame not usable; skipped");
+                    if pending.send(Pending::Ack(entry.id)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(_) => return Outcome::Failed("the image decoder crashed".into()),
+            }
+        }
+        drop(pending);
+        stop.cancel();
+        let _ = source_task.await;
+        Outcome::Stopped
+    }
+
+    /// Queues a frame for the model and tells the writer to expect its answer. A full live
+    /// lane drops its oldest frame (counted); returns false once the pipeline is stopping.
+    async fn submit(
+        &self,
+        lane: &LaneHandle<Work>,
+        frame: Frame,
+        ack: Option<String>,
+        pending: &mpsc::Sender<Pending>,
+        stop: &CancellationToken,
+    ) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let pts_ms = frame.pts_ms;
+        let work = Work {
+            job_id: self.job_id.clone(),
+            frame: Arc::new(frame),
+            reply: tx,
+        };
+        let dropped = tokio::select! {
+            _ = stop.cancelled() => return false,
+            d = lane.push(work) => d,
+        };
+        if dropped.is_some() {
+            Stats::add(&self.stats.frames_dropped, 1);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => false,
+            r = pending.send(Pending::Frame { pts_ms, reply: rx, ack }) => r.is_ok(),
+        }
+    }
+}
+
+/// Stores answers in order, acknowledges Redis entries, saves progress and stats.
+struct Writer {
+    store: Store,
+    job_id: JobId,
+    model: String,
+    stats: Arc<Stats>,
+    acker: Option<Acker>,
+    cancel: CancellationToken,
+}
+
+impl Writer {
+    async fn run(&self, mut rx: mpsc::Receiver<Pending>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut exported = self.stats.snapshot();
+        loop {
+            let item = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tick.tick() => {
+                    exported = self.save_stats(&exported, None).await;
+                    continue;
+                }
+                item = rx.recv() => match item { Some(i) => i, None => return },
+            };
+            match item {
+                Pending::Frame { pts_ms, reply, ack } => {
+                    let done = tokio::select! {
+                        _ = self.cancel.cancelled() => return,
+                        d = reply => d,
+                    };
+                    // An error here means the frame was dropped from a full live lane.
+                    let Ok(done) = done else { continue };
+                    let failed = done.output.is_err();
+                    let result = NewResult {
+                        pts_ms,
+                        prompt_scope: done.prompt_scope,
+                        prompt_version: done.prompt_version,
+                        model: if done.model.is_empty() {
+                            self.model.clone()
+                        } else {
+                            done.model
+                        },
+                        output: done.output,
+                        batch_size: done.batch_size as i64,
+                        latency: json!(done.latency),
+                    };
+                    if !self.store_result(&result).await {
+                        return;
+                    }
+                    Stats::add(
+                        if failed {
+                            &self.stats.errors
+                        } else {
+                            &self.stats.results
+                        },
+                        1,
+                    );
+                    self.stats.last_pts_ms.store(pts_ms, Ordering::Relaxed);
+                    if let (Some(acker), Some(id)) = (&self.acker, ack) {
+                        if !acker.ack(&id, &self.cancel).await {
+                            return;
+                        }
+                    }
+                }
+                Pending::Ack(id) => {
+                    if let Some(acker) = &self.acker {
+                        if !acker.ack(&id, &self.cancel).await {
+                            return;
+                        }
+                    }
+                }
+                Pending::Checkpoint(progress) => {
+                    exported = self.save_stats(&exported, Some(progress)).await;
+                }
+            }
+        }
+    }
+
+    /// Stores a result, retrying while the database is away; false if cancelled first.
+    async fn store_result(&self, result: &NewResult) -> bool {
+        let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), u32::MAX);
+        let mut failures = 0;
+        loop {
+            match self.store.append_result(self.job_id.as_str(), result).await {
+                Ok(_) => return true,
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(job_id = %self.job_id, error = %e, "cannot store a result; retrying");
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return false,
+                        _ = tokio::time::sleep(backoff.delay(failures.min(8), None)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn save_stats(
+        &self,
+        exported: &crate::stats::StatsSnapshot,
+        progress: Option<Progress>,
+    ) -> crate::stats::StatsSnapshot {
+        let now = self.stats.snapshot();
+        Stats::export_delta(exported, &now);
+        let saved = match progress {
+            Some(p) => {
+                let progress = serde_json::to_value(p).unwrap_or_default();
+                self.store
+                    .save_progress(
+                        self.job_id.as_str(),
+                        frames_processed(&now),
+                        &json!(now),
+                        &progress,
+                    )
+                    .await
+            }
+            None => {
+                self.store
+                    .save_stats(self.job_id.as_str(), frames_processed(&now), &json!(now))
+                    .await
+            }
+        };
+        if let Err(e) = saved {
+            tracing::warn!(job_id = %self.job_id, error = %e, "cannot save job progress");
+        }
+        now
+    }
+}
+
+/// Frames the pipeline has taken from its source: decoded video frames, or Redis entries read.
+fn frames_processed(s: &crate::stats::StatsSnapshot) -> i64 {
+    (s.frames_decoded + s.entries_read) as i64
+}
+
+async fn writer_final_save(store: &Store, job_id: &JobId, stats: &Stats) {
+    let now = stats.snapshot();
+    if let Err(e) = store
+        .save_stats(job_id.as_str(), frames_processed(&now), &json!(now))
+        .await
+    {
+        tracing::warn!(%job_id, error = %e, "cannot save final job stats");
+    }
+}

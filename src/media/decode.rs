@@ -1,0 +1,322 @@
+//! Decodes one fetched HLS segment with ffmpeg-next and returns the sampled frames.
+//!
+//! Runs on a blocking thread. The bytes come from memory through a custom AVIO context, so
+//! ffmpeg never opens a URL, and `format_whitelist` limits demuxing to MPEG-TS and MP4/fMP4.
+//! It decodes no more than sampling needs: whole GOPs that hold no sample target are never
+//! sent to the decoder, a GOP stops being fed once its remaining frames are not wanted,
+//! non-reference frames are skipped when the sampling interval is several frames long, and
+//! only keyframes are decoded when the interval is at least the keyframe interval.
+
+use std::io::Cursor;
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use ffmpeg::codec::discard::Discard;
+use ffmpeg::format::Pixel;
+use ffmpeg::software::scaling;
+use ffmpeg::{codec, format, frame, media, Dictionary, Packet};
+use ffmpeg_next as ffmpeg;
+use serde::{Deserialize, Serialize};
+
+use super::sampler::Sampler;
+use super::timeline::Timeline;
+use super::Frame;
+
+/// The demuxers HLS carries: MPEG-TS and ISO-BMFF (fMP4/CMAF).
+const DEMUXERS: &str = "mpegts,mov,mp4,m4a,3gp,3g2,mj2";
+
+/// Initialises ffmpeg once and keeps its own logging quiet (errors are counted instead).
+pub fn init() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        let _ = ffmpeg::init();
+        ffmpeg::util::log::set_level(ffmpeg::util::log::Level::Fatal);
+    });
+}
+
+#[derive(Debug, Clone)]
+pub struct DecodeLimits {
+    pub max_frame_pixels: u64,
+    pub deadline: Duration,
+}
+
+/// Per-job decoding state carried from segment to segment (and saved for resume).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DecodeState {
+    pub timeline: Timeline,
+    /// Longest gap seen between keyframes, in media ms.
+    pub keyframe_gap_ms: Option<f64>,
+    last_keyframe_ms: Option<f64>,
+}
+
+/// What a segment gave.
+#[derive(Debug, Default)]
+pub struct SegmentOutcome {
+    pub frames: Vec<Frame>,
+    pub frames_decoded: u64,
+    /// Packets the demuxer or decoder refused as corrupt.
+    pub corrupt: u64,
+    /// The segment ran past its decode deadline and was abandoned there.
+    pub timed_out: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("segment is not readable MPEG-TS or MP4: {0}")]
+    Unreadable(String),
+    #[error("segment has no video stream")]
+    NoVideo,
+    #[error("video frames are {width}x{height}, over MAX_FRAME_PIXELS={max}")]
+    FrameTooLarge { width: u32, height: u32, max: u64 },
+}
+
+/// Decodes `bytes` (for fMP4, the init section followed by the segment) and returns the frames
+/// `sampler` keeps, with `pts_ms` on the job's media timeline.
+pub fn decode_segment(
+    bytes: Vec<u8>,
+    duration_ms: f64,
+    discontinuity: bool,
+    state: &mut DecodeState,
+    sampler: &mut Sampler,
+    limits: &DecodeLimits,
+) -> Result<SegmentOutcome, DecodeError> {
+    init();
+    let deadline = Instant::now() + limits.deadline;
+    let io = format::context::StreamIo::from_read_seek(Cursor::new(bytes))
+        .map_err(|e| DecodeError::Unreadable(e.to_string()))?;
+    let mut options = Dictionary::new();
+    options.set("format_whitelist", DEMUXERS);
+    let mut input = format::input_from_stream_with_interrupt(io, None, Some(options), move || {
+        Instant::now() > deadline
+    })
+    .map_err(|e| DecodeError::Unreadable(e.to_string()))?;
+    let stream = input
+        .streams()
+        .best(media::Type::Video)
+        .ok_or(DecodeError::NoVideo)?;
+    let index = stream.index();
+    let tb = stream.time_base();
+    let tick_ms = f64::from(tb.numerator()) * 1000.0 / f64::from(tb.denominator().max(1));
+    let parameters = stream.parameters();
+
+    let mut out = SegmentOutcome::default();
+    let mut packets = Vec::new();
+    loop {
+        let mut packet = Packet::empty();
+        match packet.read(&mut input) {
+            Ok(()) if packet.stream() == index => packets.push(packet),
+            Ok(()) => {}
+            Err(ffmpeg::Error::Eof) => break,
+            Err(ffmpeg::Error::InvalidData) => out.corrupt += 1,
+            Err(ffmpeg::Error::Exit) => {
+                out.timed_out = true;
+                break;
+            }
+            Err(_) => {
+                out.corrupt += 1;
+                break;
+            }
+        }
+    }
+    let raw_ms = |p: &Packet| p.pts().or(p.dts()).map(|t| t as f64 * tick_ms);
+    let Some(raw_start) = packets.iter().filter_map(raw_ms).reduce(f64::min) else {
+        return Err(DecodeError::Unreadable("no video packets".into()));
+    };
+    let tolerance = duration_ms.max(1000.0);
+    state
+        .timeline
+        .begin_segment(raw_start, duration_ms, discontinuity, tolerance);
+    let timeline = state.timeline.clone();
+    let media_ms = |p: &Packet| raw_ms(p).map(|t| timeline.media_ms(t));
+
+    // GOPs in decode order, each starting at a keyframe (the first may start without one).
+    let mut starts: Vec<usize> = vec![0];
+    starts.extend(
+        packets
+            .iter()
+            .enumerate()
+            .skip(1)
+            .filter(|(_, p)| p.is_key())
+            .map(|(i, _)| i),
+    );
+    for p in packets.iter().filter(|p| p.is_key()) {
+        if let Some(t) = media_ms(p) {
+            if let Some(last) = state.last_keyframe_ms.filter(|l| t > *l) {
+                state.keyframe_gap_ms = Some(state.keyframe_gap_ms.unwrap_or(0.0).max(t - last));
+            }
+            state.last_keyframe_ms = Some(t);
+        }
+    }
+    let frame_ms = typical_frame_ms(&packets, tick_ms);
+    let keyframes_only = state
+        .keyframe_gap_ms
+        .is_some_and(|gap| sampler.interval_ms() >= gap);
+
+    let mut ctx = codec::context::Context::from_parameters(parameters)
+        .map_err(|e| DecodeError::Unreadable(e.to_string()))?;
+    ctx.set_threading(codec::threading::Config::count(1));
+    let mut decoder = ctx
+        .decoder()
+        .video()
+        .map_err(|e| DecodeError::Unreadable(e.to_string()))?;
+    check_size(decoder.width(), decoder.height(), limits.max_frame_pixels)?;
+    decoder.skip_frame(if keyframes_only {
+        Discard::NonKey
+    } else if frame_ms.is_some_and(|f| sampler.interval_ms() >= 3.0 * f) {
+        Discard::NonReference
+    } else {
+        Discard::Default
+    });
+
+    let mut sink = Sink {
+        timeline: &timeline,
+        tick_ms,
+        scaler: None,
+        max_pixels: limits.max_frame_pixels,
+        decoded: frame::Video::empty(),
+    };
+    'gops: for (g, &start) in starts.iter().enumerate() {
+        let end = starts.get(g + 1).copied().unwrap_or(packets.len());
+        let next_key_ms = starts.get(g + 1).and_then(|&i| media_ms(&packets[i]));
+        let gop = if keyframes_only {
+            // Only the keyframe is decoded: worth it if it reaches the next target.
+            let key_ms = media_ms(&packets[start]);
+            if !key_ms.is_some_and(|t| sampler.wants(t)) {
+                continue;
+            }
+            start..start + 1
+        } else {
+            start..end
+        };
+        if past_next_key(sampler, next_key_ms) {
+            continue;
+        }
+        for packet in &packets[gop] {
+            if Instant::now() > deadline {
+                out.timed_out = true;
+                break 'gops;
+            }
+            if decoder.send_packet(packet).is_err() {
+                out.corrupt += 1;
+                continue;
+            }
+            sink.drain(&mut decoder, sampler, &mut out)?;
+            if past_next_key(sampler, next_key_ms) {
+                break;
+            }
+        }
+    }
+    if !out.timed_out && decoder.send_eof().is_ok() {
+        sink.drain(&mut decoder, sampler, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// The next target is at or after the next keyframe: nothing more of this GOP is wanted.
+fn past_next_key(sampler: &Sampler, next_key_ms: Option<f64>) -> bool {
+    matches!((sampler.next_target_ms(), next_key_ms), (Some(target), Some(key)) if target >= key)
+}
+
+/// Median gap between consecutive presentation times, in ms.
+fn typical_frame_ms(packets: &[Packet], tick_ms: f64) -> Option<f64> {
+    let mut pts: Vec<i64> = packets.iter().filter_map(|p| p.pts()).collect();
+    pts.sort_unstable();
+    let mut gaps: Vec<i64> = pts
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .filter(|g| *g > 0)
+        .collect();
+    gaps.sort_unstable();
+    gaps.get(gaps.len() / 2).map(|g| *g as f64 * tick_ms)
+}
+
+fn check_size(width: u32, height: u32, max: u64) -> Result<(), DecodeError> {
+    if u64::from(width) * u64::from(height) > max {
+        return Err(DecodeError::FrameTooLarge { width, height, max });
+    }
+    Ok(())
+}
+
+/// Receives decoded frames, offers them to the sampler and converts the kept ones to RGB.
+struct Sink<'a> {
+    timeline: &'a Timeline,
+    tick_ms: f64,
+    scaler: Option<(scaling::Context, Pixel, u32, u32)>,
+    max_pixels: u64,
+    decoded: frame::Video,
+}
+
+impl Sink<'_> {
+    fn drain(
+        &mut self,
+        decoder: &mut ffmpeg::decoder::Video,
+        sampler: &mut Sampler,
+        out: &mut SegmentOutcome,
+    ) -> Result<(), DecodeError> {
+        loop {
+            match decoder.receive_frame(&mut self.decoded) {
+                Ok(()) => {}
+                Err(ffmpeg::Error::Eof) => return Ok(()),
+                Err(ffmpeg::Error::Other { errno }) if errno == ffmpeg::util::error::EAGAIN => {
+                    return Ok(())
+                }
+                Err(_) => {
+                    out.corrupt += 1;
+                    return Ok(());
+                }
+            }
+            out.frames_decoded += 1;
+            let Some(raw) = self.decoded.timestamp().or(self.decoded.pts()) else {
+                continue;
+            };
+            let t = self.timeline.media_ms(raw as f64 * self.tick_ms);
+            if sampler.offer(t) {
+                let frame = self.to_rgb(t)?;
+                out.frames.push(frame);
+            }
+        }
+    }
+
+    fn to_rgb(&mut self, t_ms: f64) -> Result<Frame, DecodeError> {
+        let (format, w, h) = (
+            self.decoded.format(),
+            self.decoded.width(),
+            self.decoded.height(),
+        );
+        check_size(w, h, self.max_pixels)?;
+        let stale =
+            !matches!(&self.scaler, Some((_, f, sw, sh)) if *f == format && *sw == w && *sh == h);
+        if stale {
+            let ctx = scaling::Context::get(
+                format,
+                w,
+                h,
+                Pixel::RGB24,
+                w,
+                h,
+                scaling::Flags::FAST_BILINEAR,
+            )
+            .map_err(|e| DecodeError::Unreadable(format!("no conversion from {format:?}: {e}")))?;
+            self.scaler = Some((ctx, format, w, h));
+        }
+        let mut rgb = frame::Video::empty();
+        if let Some((scaler, ..)) = self.scaler.as_mut() {
+            scaler
+                .run(&self.decoded, &mut rgb)
+                .map_err(|e| DecodeError::Unreadable(e.to_string()))?;
+        }
+        let stride = rgb.stride(0);
+        let row = w as usize * 3;
+        let data = rgb.data(0);
+        let mut packed = Vec::with_capacity(row * h as usize);
+        for y in 0..h as usize {
+            packed.extend_from_slice(&data[y * stride..y * stride + row]);
+        }
+        Ok(Frame {
+            width: w,
+            height: h,
+            rgb: packed,
+            pts_ms: t_ms.round() as i64,
+        })
+    }
+}
