@@ -588,6 +588,18 @@ fn log_filter(level: &str) -> Option<String> {
     Some(mapped.to_owned())
 }
 
+/// Renders `.env.example` from [`VARIABLES`].
+pub fn env_example() -> String {
+    let mut out = String::from("# free-roam settings: every variable, its default and its meaning.\n# Precedence: defaults < FREE_ROAM_CONFIG file < .env < process environment.\n");
+    for var in VARIABLES {
+        out.push_str(&format!(
+            "\n# {}\n{}=\"{}\"\n",
+            var.meaning, var.name, var.default
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -677,16 +689,4 @@ mod tests {
             );
         }
     }
-}
-
-/// Renders `.env.example` from [`VARIABLES`].
-pub fn env_example() -> String {
-    let mut out = String::from("# free-roam settings: every variable, its default and its meaning.\n# Precedence: defaults < FREE_ROAM_CONFIG file < .env < process environment.\n");
-    for var in VARIABLES {
-        out.push_str(&format!(
-            "\n# {}\n{}=\"{}\"\n",
-            var.meaning, var.name, var.default
-        ));
-    }
-    out
 }

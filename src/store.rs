@@ -137,7 +137,7 @@ impl From<sqlx::Error> for CreateJobError {
 
 #[derive(Debug)]
 pub enum CancelOutcome {
-    Cancelled(JobRecord),
+    Cancelled(Box<JobRecord>),
     NotFound,
     AlreadyFinished(JobStatus),
 }
@@ -404,7 +404,7 @@ impl Store {
         let job = self.get_job(job_id).await?;
         Ok(match (updated, job) {
             (_, None) => CancelOutcome::NotFound,
-            (1, Some(job)) => CancelOutcome::Cancelled(job),
+            (1, Some(job)) => CancelOutcome::Cancelled(Box::new(job)),
             (_, Some(job)) => CancelOutcome::AlreadyFinished(job.status),
         })
     }

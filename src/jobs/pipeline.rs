@@ -270,12 +270,6 @@ impl Pipeline {
         let max_pixels = self.settings.pipeline.max_frame_pixels;
         while let Some(entry) = tokio::select! { _ = stop.cancelled() => None, e = rx.recv() => e }
         {
-            if !sampler.offer(entry.ts_ms as f64) {
-                if pending.send(Pending::Ack(entry.id)).await.is_err() {
-                    break;
-                }
-                continue;
-            }
             let Some(bytes) = entry.frame else {
                 Stats::add(&self.stats.entries_invalid, 1);
                 tracing::warn!(job_id = %self.job_id, id = %entry.id, "entry has no `frame` field; skipped");
@@ -284,6 +278,13 @@ impl Pipeline {
                 }
                 continue;
             };
+            // Sample before decoding: frames the sampler skips are never decoded.
+            if !sampler.offer(entry.ts_ms as f64) {
+                if pending.send(Pending::Ack(entry.id)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
             let ts = entry.ts_ms;
             let decoded =
                 tokio::task::spawn_blocking(move || Frame::from_encoded(&bytes, ts, max_pixels))

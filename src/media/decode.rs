@@ -271,13 +271,13 @@ impl Sink<'_> {
             };
             let t = self.timeline.media_ms(raw as f64 * self.tick_ms);
             if sampler.offer(t) {
-                let frame = self.to_rgb(t)?;
+                let frame = self.convert(t)?;
                 out.frames.push(frame);
             }
         }
     }
 
-    fn to_rgb(&mut self, t_ms: f64) -> Result<Frame, DecodeError> {
+    fn convert(&mut self, t_ms: f64) -> Result<Frame, DecodeError> {
         let (format, w, h) = (
             self.decoded.format(),
             self.decoded.width(),

@@ -199,3 +199,66 @@ pub fn assert_error(reply: &Reply, status: StatusCode, code: &str) {
         .get("content-type")
         .is_some_and(|v| v.to_str().unwrap().starts_with("application/json")));
 }
+
+impl TestApp {
+    /// Polls the job's status until `done` holds, or panics after `within`.
+    pub async fn wait_for(
+        &self,
+        job_id: &str,
+        within: std::time::Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let s = self
+                .get(&format!("/api/v1/inference/status/{job_id}"))
+                .await
+                .body;
+            if done(&s) {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting; last status: {s}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the job is in one of `statuses`.
+    pub async fn wait_status(
+        &self,
+        job_id: &str,
+        statuses: &[&str],
+        within: std::time::Duration,
+    ) -> Value {
+        self.wait_for(job_id, within, |s| {
+            statuses.iter().any(|st| s["status"] == *st)
+        })
+        .await
+    }
+
+    /// Every result of a job, read page by page with `next_after`.
+    pub async fn all_results(&self, job_id: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after: Option<i64> = None;
+        loop {
+            let path = match after {
+                Some(a) => format!("/api/v1/inference/results/{job_id}?limit=50&after={a}"),
+                None => format!("/api/v1/inference/results/{job_id}?limit=50"),
+            };
+            let page = self.get(&path).await.body;
+            let results = page["results"].as_array().cloned().unwrap_or_default();
+            if results.is_empty() {
+                return out;
+            }
+            after = page["next_after"].as_i64();
+            out.extend(results);
+        }
+    }
+}
+
+/// Settings as the pairs `spawn_with` takes.
+pub fn pairs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    v.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}

@@ -1,11 +1,14 @@
 //! Black-box tests: the service started on port 0, talked to over HTTP, on SQLite and on
 //! PostgreSQL. One test binary (every file under tests/ would link the crate again).
 
+mod fixtures;
 mod helpers;
 
 mod errors;
 mod health;
 mod jobs;
 mod lifecycle;
+mod pipeline_hls;
+mod pipeline_redis;
 mod prompts;
 mod protection;

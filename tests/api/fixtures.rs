@@ -1,0 +1,374 @@
+//! Things outside the product, as real servers on 127.0.0.1: an HLS origin serving media the
+//! tests make with the ffmpeg CLI, and an OpenAI-compatible model server that reports what it
+//! received. Video brightness encodes media time, so a test can check which frame the model
+//! saw against the result's `pts_ms`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use serde_json::{json, Value};
+
+/// Brightness ramp of the test videos: luma = 16 + 30 * t (t in seconds), valid for 7 s.
+pub const LUMA_PER_SECOND: f64 = 30.0;
+
+/// Media time (ms) a test frame's mean RGB brightness stands for.
+pub fn brightness_to_ms(brightness: f64) -> f64 {
+    // Limited-range luma to full-range RGB: (Y - 16) * 255 / 219.
+    brightness * 219.0 / 255.0 / LUMA_PER_SECOND * 1000.0
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Container {
+    Ts,
+    Fmp4,
+}
+
+/// Makes an HLS VOD rendition under `dir/name/`: `index.m3u8` and its segments.
+pub fn make_hls(
+    dir: &Path,
+    name: &str,
+    seconds: f64,
+    width: u32,
+    height: u32,
+    container: Container,
+    segment_s: f64,
+) -> PathBuf {
+    let out = dir.join(name);
+    std::fs::create_dir_all(&out).unwrap();
+    let filter = format!(
+        "color=c=black:s={width}x{height}:r=30:d={seconds},geq=lum='16+T*{LUMA_PER_SECOND}':cb=128:cr=128"
+    );
+    let mut cmd = Command::new("ffmpeg");
+    cmd.current_dir(&out)
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            &filter,
+        ])
+        .args([
+            "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", "-bf", "2",
+        ])
+        .args(["-g", "30", "-keyint_min", "30", "-sc_threshold", "0"])
+        .args([
+            "-force_key_frames",
+            &format!("expr:gte(t,n_forced*{segment_s})"),
+        ])
+        .args([
+            "-f",
+            "hls",
+            "-hls_time",
+            &segment_s.to_string(),
+            "-hls_playlist_type",
+            "vod",
+        ]);
+    match container {
+        Container::Ts => {
+            cmd.args(["-hls_segment_filename", "seg%d.ts"]);
+        }
+        Container::Fmp4 => {
+            cmd.args([
+                "-hls_segment_type",
+                "fmp4",
+                "-hls_fmp4_init_filename",
+                "init.mp4",
+                "-hls_segment_filename",
+                "seg%d.m4s",
+            ]);
+        }
+    }
+    let status = cmd
+        .arg("index.m3u8")
+        .status()
+        .expect("the ffmpeg CLI is installed (scripts/test installs it)");
+    assert!(status.success(), "ffmpeg failed to make test media");
+    out
+}
+
+/// The segments of a rendition's playlist: (duration, uri).
+pub fn segments_of(playlist: &Path) -> (String, Vec<(f64, String)>) {
+    let text = std::fs::read_to_string(playlist).unwrap();
+    let mut header = String::new();
+    let mut segs = Vec::new();
+    let mut pending: Option<f64> = None;
+    for line in text.lines() {
+        if let Some(d) = line.strip_prefix("#EXTINF:") {
+            pending = d
+                .trim_end_matches(',')
+                .split(',')
+                .next()
+                .and_then(|d| d.parse().ok());
+        } else if line.starts_with("#EXT-X-ENDLIST") || line.starts_with("#EXT-X-PLAYLIST-TYPE") {
+        } else if line.starts_with('#') {
+            if segs.is_empty() && pending.is_none() {
+                header.push_str(line);
+                header.push('\n');
+            }
+        } else if let Some(d) = pending.take() {
+            segs.push((d, line.to_owned()));
+        }
+    }
+    (header, segs)
+}
+
+/// A live playlist made from a VOD's segments, revealing one more every `every`.
+#[derive(Clone)]
+pub struct Live {
+    pub header: String,
+    pub segments: Vec<(f64, String)>,
+    pub initial: usize,
+    pub every: Duration,
+    /// Stop growing after this many segments (a stalled origin).
+    pub stall_at: Option<usize>,
+    /// Add EXT-X-ENDLIST once every segment is shown.
+    pub end: bool,
+    pub started: Instant,
+}
+
+impl Live {
+    fn render(&self) -> String {
+        let grown = self.initial
+            + (self.started.elapsed().as_millis() / self.every.as_millis().max(1)) as usize;
+        let shown = grown
+            .min(self.stall_at.unwrap_or(usize::MAX))
+            .min(self.segments.len());
+        let mut s = self.header.clone();
+        for (d, uri) in &self.segments[..shown] {
+            s.push_str(&format!("#EXTINF:{d:.6},\n{uri}\n"));
+        }
+        if self.end && shown == self.segments.len() {
+            s.push_str("#EXT-X-ENDLIST\n");
+        }
+        s
+    }
+}
+
+#[derive(Clone)]
+pub enum Route {
+    Status(u16),
+    Bytes(Vec<u8>),
+    Live(Live),
+}
+
+#[derive(Default)]
+struct OriginState {
+    root: PathBuf,
+    routes: Mutex<HashMap<String, Route>>,
+    log: Mutex<Vec<(Instant, String)>>,
+}
+
+/// An HLS origin on 127.0.0.1 serving files under a folder, with routes overridden per path.
+#[derive(Clone)]
+pub struct Origin {
+    pub base: String,
+    state: Arc<OriginState>,
+}
+
+impl Origin {
+    pub async fn start(root: &Path) -> Self {
+        let state = Arc::new(OriginState {
+            root: root.to_owned(),
+            ..Default::default()
+        });
+        let app = Router::new().fallback(serve).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { base, state }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/{}", self.base, path.trim_start_matches('/'))
+    }
+
+    pub fn route(&self, path: &str, route: Route) {
+        self.state
+            .routes
+            .lock()
+            .unwrap()
+            .insert(format!("/{}", path.trim_start_matches('/')), route);
+    }
+
+    /// Paths requested so far.
+    pub fn requested(&self) -> Vec<String> {
+        self.state
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    /// Requests made after `t`.
+    pub fn requests_since(&self, t: Instant) -> usize {
+        self.state
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(at, _)| *at > t)
+            .count()
+    }
+}
+
+async fn serve(State(state): State<Arc<OriginState>>, uri: Uri) -> Response {
+    let path = uri.path().to_owned();
+    state
+        .log
+        .lock()
+        .unwrap()
+        .push((Instant::now(), path.clone()));
+    let route = state.routes.lock().unwrap().get(&path).cloned();
+    match route {
+        Some(Route::Status(code)) => StatusCode::from_u16(code).unwrap().into_response(),
+        Some(Route::Bytes(b)) => Body::from(b).into_response(),
+        Some(Route::Live(live)) => (
+            [("content-type", "application/vnd.apple.mpegurl")],
+            live.render(),
+        )
+            .into_response(),
+        None => match std::fs::read(state.root.join(path.trim_start_matches('/'))) {
+            Ok(bytes) => Body::from(bytes).into_response(),
+            Err(_) => StatusCode::NOT_FOUND.into_response(),
+        },
+    }
+}
+
+/// What the model server was asked.
+#[derive(Debug, Clone)]
+pub struct Asked {
+    pub model: String,
+    pub prompt: String,
+    pub width: u32,
+    pub height: u32,
+}
+
+#[derive(Default)]
+struct ModelState {
+    asked: Mutex<Vec<Asked>>,
+    /// Answer HTTP 500 to this many requests first.
+    fail_first: Mutex<usize>,
+    /// Prompts answered with HTTP 400.
+    refuse_prompt: Mutex<Option<String>>,
+    delay: Mutex<Duration>,
+}
+
+/// An OpenAI-compatible chat-completions server that answers with what it saw:
+/// `{"prompt": ..., "brightness": ...}` as the message content.
+#[derive(Clone)]
+pub struct ModelServer {
+    pub base: String,
+    state: Arc<ModelState>,
+}
+
+impl ModelServer {
+    pub async fn start() -> Self {
+        let state = Arc::new(ModelState::default());
+        let app = Router::new()
+            .route(
+                "/v1/models",
+                get(|| async { Json(json!({"object": "list", "data": [{"id": "test-model"}]})) }),
+            )
+            .route("/v1/chat/completions", post(complete))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/v1", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { base, state }
+    }
+
+    pub fn asked(&self) -> Vec<Asked> {
+        self.state.asked.lock().unwrap().clone()
+    }
+
+    pub fn fail_first(&self, n: usize) {
+        *self.state.fail_first.lock().unwrap() = n;
+    }
+
+    pub fn refuse_prompt(&self, prompt: &str) {
+        *self.state.refuse_prompt.lock().unwrap() = Some(prompt.to_owned());
+    }
+
+    pub fn set_delay(&self, d: Duration) {
+        *self.state.delay.lock().unwrap() = d;
+    }
+
+    /// Settings pointing the service at this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("MODEL_TYPE", "openai".to_owned()),
+            ("OPENAI_BASE_URL", self.base.clone()),
+            ("OPENAI_MODEL", "test-model".to_owned()),
+            ("ALLOW_PRIVATE_NETWORKS", "true".to_owned()),
+        ]
+    }
+}
+
+async fn complete(State(state): State<Arc<ModelState>>, Json(body): Json<Value>) -> Response {
+    let delay = *state.delay.lock().unwrap();
+    tokio::time::sleep(delay).await;
+    {
+        let mut fail = state.fail_first.lock().unwrap();
+        if *fail > 0 {
+            *fail -= 1;
+            return (StatusCode::INTERNAL_SERVER_ERROR, "overloaded").into_response();
+        }
+    }
+    let content = &body["messages"][0]["content"];
+    let prompt = content[0]["text"].as_str().unwrap_or_default().to_owned();
+    if state.refuse_prompt.lock().unwrap().as_deref() == Some(prompt.as_str()) {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": {"message": "prompt not allowed"}})),
+        )
+            .into_response();
+    }
+    let url = content[1]["image_url"]["url"].as_str().unwrap_or_default();
+    let b64 = url
+        .strip_prefix("data:image/jpeg;base64,")
+        .expect("a JPEG data URI");
+    let jpeg = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    let img = image::load_from_memory(&jpeg)
+        .expect("a decodable JPEG")
+        .to_rgb8();
+    let raw = img.as_raw();
+    let brightness = raw.iter().map(|&b| f64::from(b)).sum::<f64>() / raw.len() as f64;
+    state.asked.lock().unwrap().push(Asked {
+        model: body["model"].as_str().unwrap_or_default().to_owned(),
+        prompt: prompt.clone(),
+        width: img.width(),
+        height: img.height(),
+    });
+    let answer = json!({"prompt": prompt, "brightness": brightness}).to_string();
+    Json(json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]}))
+        .into_response()
+}
+
+/// A JPEG of a flat grey picture whose brightness stands for `t_ms`.
+pub fn jpeg_at(t_ms: i64, width: u32, height: u32) -> Vec<u8> {
+    let luma = 16.0 + LUMA_PER_SECOND * t_ms as f64 / 1000.0;
+    let v = ((luma - 16.0) * 255.0 / 219.0).round().clamp(0.0, 255.0) as u8;
+    let img = image::RgbImage::from_pixel(width, height, image::Rgb([v, v, v]));
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95)
+        .encode(img.as_raw(), width, height, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    out
+}
