@@ -5,6 +5,7 @@
 //!
 //! - [`batch`]: the dynamic batcher shared by the jobs on one model.
 //! - [`config`]: typed settings from defaults, a file, `.env` and the environment.
+//! - [`devtools`]: `free-roam dev` tools (the ingest benchmark).
 //! - [`domain`]: job ids, stream references, fps, prompts, statuses; parsing, no I/O.
 //! - [`store`]: jobs, prompt versions and results in SQLite or PostgreSQL (sqlx, migrations).
 //! - [`ingest`]: sources: HLS (playlists, fetching, SSRF guard) and Redis streams.
@@ -20,6 +21,7 @@
 pub mod api;
 pub mod batch;
 pub mod config;
+pub mod devtools;
 pub mod domain;
 pub mod ingest;
 pub mod jobs;

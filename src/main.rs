@@ -32,6 +32,12 @@ enum Command {
 enum DevTool {
     /// Print `.env.example` from the settings table.
     EnvExample,
+    /// Measure ingest CPU against the ffmpeg CLI and concurrent 720p streams (Markdown out).
+    BenchIngest {
+        /// Where the benchmark stream is made (and reused).
+        #[arg(default_value = "target/bench-media")]
+        dir: std::path::PathBuf,
+    },
 }
 
 #[tokio::main]

@@ -80,6 +80,26 @@ pub async fn health(State(state): State<AppState>) -> Response {
     let mut components = std::collections::BTreeMap::new();
     components.insert("database".to_owned(), database(&state).await);
     components.insert("model".to_owned(), model(&state));
+    if let Some((jobs, reconnecting)) = state.jobs.redis_health() {
+        let (status, detail) = if reconnecting == 0 {
+            (
+                "ok",
+                format!("{jobs} job(s) reading Redis streams, all connected"),
+            )
+        } else {
+            (
+                "error",
+                format!("{reconnecting} of {jobs} job(s) reading Redis streams are reconnecting"),
+            )
+        };
+        components.insert(
+            "redis".to_owned(),
+            ComponentHealth {
+                status: status.into(),
+                detail,
+            },
+        );
+    }
     let healthy = components.values().all(|c| c.status == "ok");
     let body = HealthResponse {
         status: if healthy { "healthy" } else { "unhealthy" }.into(),

@@ -48,6 +48,7 @@ pub enum StartError {
 struct Running {
     cancel: CancellationToken,
     stats: Arc<Stats>,
+    redis: bool,
 }
 
 struct Inner {
@@ -163,6 +164,7 @@ impl JobManager {
                 Running {
                     cancel: cancel.clone(),
                     stats: stats.clone(),
+                    redis: job.source_type == "redis",
                 },
             );
         }
@@ -206,6 +208,21 @@ impl JobManager {
             .unwrap_or_else(|p| p.into_inner())
             .get(job_id)
             .map(|r| r.stats.snapshot())
+    }
+
+    /// Redis as the running Redis jobs see it: (jobs reading Redis, of which reconnecting);
+    /// `None` when no job here reads Redis.
+    pub fn redis_health(&self) -> Option<(usize, usize)> {
+        let running = self.inner.running.lock().unwrap_or_else(|p| p.into_inner());
+        let redis: Vec<&Running> = running.values().filter(|r| r.redis).collect();
+        if redis.is_empty() {
+            return None;
+        }
+        let reconnecting = redis
+            .iter()
+            .filter(|r| r.stats.snapshot().source_state.starts_with("reconnecting"))
+            .count();
+        Some((redis.len(), reconnecting))
     }
 
     /// Stops every pipeline and waits for them; jobs keep their stored state for the next start.

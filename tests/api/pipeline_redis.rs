@@ -248,6 +248,12 @@ async fn a_redis_restart_does_not_fail_the_job() {
         })
         .await;
     assert_eq!(s["status"], "running", "{s}");
+    let health = app.get("/health").await;
+    assert_eq!(
+        health.body["components"]["redis"]["status"], "error",
+        "{}",
+        health.body
+    );
 
     let server = OwnRedis::start(port);
     let mut c = wait_redis(&server.url()).await;
@@ -258,6 +264,12 @@ async fn a_redis_restart_does_not_fail_the_job() {
     assert_eq!(s["status"], "running");
     assert_eq!(s["stats"]["source_state"], "connected");
     assert!(s["stats"]["reconnects"].as_u64().unwrap() >= 1);
+    let health = app.get("/health").await;
+    assert_eq!(
+        health.body["components"]["redis"]["status"], "ok",
+        "{}",
+        health.body
+    );
     let pts: Vec<i64> = app
         .all_results(&id)
         .await

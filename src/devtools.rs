@@ -1,0 +1,223 @@
+//! Developer tools behind `free-roam dev ...`: the ingest benchmark.
+//!
+//! `free-roam dev bench-ingest` makes a 60 s 1280x720 30 fps H.264 HLS stream with the ffmpeg
+//! CLI, then measures, in one run: the CPU time of the service's own decode-and-sample path
+//! (`media::decode::decode_segment` over every segment, as a pipeline runs it) at 2 fps;
+//! the CPU time of the ffmpeg CLI doing the same sampling; and how many such streams decode
+//! at once in real time on this machine. It prints Markdown for BENCHMARKS.md.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::media::decode::{decode_segment, DecodeLimits, DecodeState};
+use crate::media::sampler::Sampler;
+
+const SECONDS: u32 = 60;
+const FPS: f64 = 2.0;
+
+/// CPU time (user + system) of this process, or of its waited-for children.
+fn cpu(who: libc::c_int) -> Duration {
+    // SAFETY: getrusage fills the struct it is given and reads nothing else.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(who, &mut usage) };
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+fn make_stream(dir: &Path) -> anyhow::Result<Vec<(PathBuf, f64)>> {
+    let playlist = dir.join("index.m3u8");
+    if !playlist.exists() {
+        eprintln!(
+            "making a {SECONDS} s 1280x720 30 fps H.264 HLS stream in {} ...",
+            dir.display()
+        );
+        let status = Command::new("ffmpeg")
+            .current_dir(dir)
+            .args(["-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi"])
+            .args(["-i", &format!("testsrc2=s=1280x720:r=30:d={SECONDS}")])
+            .args([
+                "-c:v",
+                "libx264",
+                "-preset",
+                "veryfast",
+                "-pix_fmt",
+                "yuv420p",
+                "-g",
+                "60",
+                "-sc_threshold",
+                "0",
+            ])
+            .args([
+                "-f",
+                "hls",
+                "-hls_time",
+                "2",
+                "-hls_playlist_type",
+                "vod",
+                "-hls_segment_filename",
+                "seg%03d.ts",
+                "index.m3u8",
+            ])
+            .status()
+            .context("the ffmpeg CLI is needed to make the benchmark stream")?;
+        if !status.success() {
+            bail!("ffmpeg failed to make the benchmark stream");
+        }
+    }
+    let text = std::fs::read_to_string(&playlist)?;
+    let mut out = Vec::new();
+    let mut duration = None;
+    for line in text.lines() {
+        if let Some(d) = line.strip_prefix("#EXTINF:") {
+            duration = d.trim_end_matches(',').parse::<f64>().ok();
+        } else if !line.starts_with('#') && !line.is_empty() {
+            out.push((dir.join(line), duration.take().unwrap_or(2.0) * 1000.0));
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes and samples every segment once, as one job's pipeline does; returns frames kept.
+fn ingest(segments: &[(Vec<u8>, f64)]) -> anyhow::Result<usize> {
+    let mut state = DecodeState::default();
+    let mut sampler = Sampler::new(FPS);
+    let limits = DecodeLimits {
+        max_frame_pixels: 3840 * 2160,
+        deadline: Duration::from_secs(30),
+    };
+    let mut kept = 0;
+    for (bytes, duration_ms) in segments {
+        let out = decode_segment(
+            bytes.clone(),
+            *duration_ms,
+            false,
+            &mut state,
+            &mut sampler,
+            &limits,
+        )?;
+        kept += out.frames.len();
+    }
+    Ok(kept)
+}
+
+pub fn bench_ingest(dir: &Path) -> anyhow::Result<String> {
+    std::fs::create_dir_all(dir)?;
+    let files = make_stream(dir)?;
+    let segments: Vec<(Vec<u8>, f64)> = files
+        .iter()
+        .map(|(p, d)| Ok((std::fs::read(p)?, *d)))
+        .collect::<anyhow::Result<_>>()?;
+
+    // Ours, on this thread.
+    ingest(&segments[..1])?; // warm caches
+    let before = cpu(libc::RUSAGE_SELF);
+    let wall = Instant::now();
+    let kept = ingest(&segments)?;
+    let ours_cpu = cpu(libc::RUSAGE_SELF) - before;
+    let ours_wall = wall.elapsed();
+
+    // The ffmpeg CLI doing the same sampling.
+    let before = cpu(libc::RUSAGE_CHILDREN);
+    let status = Command::new("ffmpeg")
+        .current_dir(dir)
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-threads",
+            "1",
+            "-i",
+            "index.m3u8",
+        ])
+        .args([
+            "-vf",
+            "fps=2",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-y",
+            "/dev/null",
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("ffmpeg CLI run failed");
+    }
+    let cli_cpu = cpu(libc::RUSAGE_CHILDREN) - before;
+
+    // Streams at once: N threads each ingesting the whole stream; real time holds while all
+    // N finish 60 s of media in under 60 s of wall time.
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut concurrency = Vec::new();
+    let mut n = 8;
+    loop {
+        let wall = Instant::now();
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                let segs = segments.clone();
+                std::thread::spawn(move || ingest(&segs).map(|_| ()))
+            })
+            .collect();
+        for h in handles {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a benchmark thread panicked"))??;
+        }
+        let took = wall.elapsed();
+        let realtime = took.as_secs_f64() / f64::from(SECONDS);
+        eprintln!("{n} streams at once: {took:.1?} for {SECONDS} s of media each ({realtime:.2}x real time)");
+        concurrency.push((n, took));
+        if realtime > 1.0 || n >= 256 {
+            break;
+        }
+        n = (n as f64 * 1.5).ceil() as usize;
+    }
+    let sustained = concurrency
+        .iter()
+        .filter(|(_, t)| t.as_secs_f64() < f64::from(SECONDS))
+        .map(|(n, _)| *n)
+        .max()
+        .unwrap_or(0);
+
+    let mut md = String::new();
+    md.push_str(&format!(
+        "Stream: {SECONDS} s, 1280x720, 30 fps, H.264 (x264 veryfast, GOP 2 s, B-frames), 2 s MPEG-TS segments; sampled at {FPS} fps; {cores} cores.\n\n"
+    ));
+    md.push_str(
+        "| path | CPU time | per second of media | frames kept |\n| --- | --- | --- | --- |\n",
+    );
+    md.push_str(&format!(
+        "| free-roam ingest (decode_segment, 1 thread) | {:.2} s | {:.1} ms | {kept} |\n",
+        ours_cpu.as_secs_f64(),
+        ours_cpu.as_secs_f64() * 1000.0 / f64::from(SECONDS)
+    ));
+    md.push_str(&format!(
+        "| `ffmpeg -threads 1 -i index.m3u8 -vf fps=2 -f rawvideo -pix_fmt rgb24 -y /dev/null` | {:.2} s | {:.1} ms | {} |\n\n",
+        cli_cpu.as_secs_f64(),
+        cli_cpu.as_secs_f64() * 1000.0 / f64::from(SECONDS),
+        SECONDS as f64 * FPS
+    ));
+    md.push_str(&format!(
+        "Ratio: free-roam uses **{:.2}x** the CLI's CPU per stream (wall time of our run: {:.2} s).\n\n",
+        ours_cpu.as_secs_f64() / cli_cpu.as_secs_f64().max(1e-9),
+        ours_wall.as_secs_f64()
+    ));
+    md.push_str("| streams at once | wall time for 60 s of media each | real-time factor |\n| --- | --- | --- |\n");
+    for (n, t) in &concurrency {
+        md.push_str(&format!(
+            "| {n} | {:.1} s | {:.2} |\n",
+            t.as_secs_f64(),
+            t.as_secs_f64() / f64::from(SECONDS)
+        ));
+    }
+    md.push_str(&format!(
+        "\nLargest count measured that keeps up with real time: **{sustained}** concurrent 720p30 streams at 2 fps.\n"
+    ));
+    Ok(md)
+}
