@@ -33,6 +33,20 @@ enum DevTool {
     /// Print `.env.example` from the settings table.
     EnvExample,
     /// Measure ingest CPU against the ffmpeg CLI and concurrent 720p streams (Markdown out).
+    /// Write a tiny random PaliGemma (config.json, tokenizer.json, model.safetensors) to DIR.
+    #[cfg(feature = "candle")]
+    MakeTinyModel {
+        dir: std::path::PathBuf,
+        /// Vision input size in pixels (a multiple of 14).
+        #[arg(long, default_value_t = 224)]
+        image_size: usize,
+    },
+    /// Measure the in-process model's frames per second at batch sizes 1, 2, 4, 8 (Markdown out).
+    #[cfg(feature = "candle")]
+    BenchModel {
+        /// Model directory (make one with make-tiny-model).
+        dir: std::path::PathBuf,
+    },
     BenchIngest {
         /// Where the benchmark stream is made (and reused).
         #[arg(default_value = "target/bench-media")]
@@ -43,12 +57,50 @@ enum DevTool {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    if let Some(Command::Dev {
-        tool: DevTool::EnvExample,
-    }) = cli.command
-    {
-        print!("{}", free_roam::config::env_example());
-        return;
+    match &cli.command {
+        Some(Command::Dev {
+            tool: DevTool::EnvExample,
+        }) => {
+            print!("{}", free_roam::config::env_example());
+            return;
+        }
+        Some(Command::Dev {
+            tool: DevTool::BenchIngest { dir },
+        }) => {
+            match free_roam::devtools::bench_ingest(dir) {
+                Ok(md) => print!("{md}"),
+                Err(e) => {
+                    eprintln!("bench-ingest: {e:#}");
+                    std::process::exit(1);
+                }
+            }
+            return;
+        }
+        #[cfg(feature = "candle")]
+        Some(Command::Dev {
+            tool: DevTool::MakeTinyModel { dir, image_size },
+        }) => {
+            if let Err(e) = free_roam::vlm::candle::tiny::make_tiny_model(dir, *image_size, 7) {
+                eprintln!("make-tiny-model: {e:#}");
+                std::process::exit(1);
+            }
+            println!("tiny PaliGemma written to {}", dir.display());
+            return;
+        }
+        #[cfg(feature = "candle")]
+        Some(Command::Dev {
+            tool: DevTool::BenchModel { dir },
+        }) => {
+            match free_roam::devtools::bench_model(dir).await {
+                Ok(md) => print!("{md}"),
+                Err(e) => {
+                    eprintln!("bench-model: {e:#}");
+                    std::process::exit(1);
+                }
+            }
+            return;
+        }
+        _ => {}
     }
     let settings = match Settings::load() {
         Ok(s) => s,

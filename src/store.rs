@@ -668,6 +668,26 @@ impl Store {
             .collect()
     }
 
+    /// The `latency` of a job's newest results (at most `limit`), for percentiles.
+    pub async fn recent_latencies(
+        &self,
+        job_id: &str,
+        limit: i64,
+    ) -> Result<Vec<Value>, StoreError> {
+        let rows =
+            sqlx::query("SELECT latency FROM results WHERE job_id = $1 ORDER BY seq DESC LIMIT $2")
+                .bind(job_id)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                let text: String = r.try_get(0)?;
+                serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
+            .collect()
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }

@@ -65,6 +65,12 @@ pub struct JobView {
     pub prompt_version: Option<i64>,
     /// `job` (its own prompt) or `global`.
     pub prompt_scope: Option<String>,
+    /// p50/p95/p99 of each phase (queue, preprocess, inference, total) over the newest 1000 results, ms.
+    #[schema(value_type = Object)]
+    pub latency_ms: Value,
+    /// Models the backend holds in memory now: `[{name, bytes}]`.
+    #[schema(value_type = Object)]
+    pub models_loaded: Value,
     /// Pipeline counters (segments, frames, drops, errors, lag...).
     #[schema(value_type = Object)]
     pub stats: Value,
@@ -173,7 +179,16 @@ pub(super) async fn job_view(state: &AppState, job: JobRecord) -> Result<JobView
         Some(live) => serde_json::to_value(live).unwrap_or(job.stats),
         None => job.stats,
     };
+    let latencies = state.store.recent_latencies(&job.job_id, 1000).await?;
+    let models_loaded: Vec<Value> = state
+        .models
+        .loaded()
+        .into_iter()
+        .map(|(name, bytes)| serde_json::json!({"name": name, "bytes": bytes}))
+        .collect();
     Ok(JobView {
+        latency_ms: percentiles(&latencies),
+        models_loaded: Value::Array(models_loaded),
         prompt: prompt.as_ref().map(|p| p.prompt.clone()),
         prompt_version: prompt.as_ref().map(|p| p.version),
         prompt_scope: prompt
@@ -201,6 +216,24 @@ pub(super) async fn job_view(state: &AppState, job: JobRecord) -> Result<JobView
         from_beginning: job.from_beginning,
         stats,
     })
+}
+
+/// p50/p95/p99 per phase (nearest rank).
+fn percentiles(latencies: &[Value]) -> Value {
+    let mut out = serde_json::Map::new();
+    for phase in ["queue", "preprocess", "inference", "total"] {
+        let mut v: Vec<f64> = latencies.iter().filter_map(|l| l[phase].as_f64()).collect();
+        if v.is_empty() {
+            continue;
+        }
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        out.insert(
+            phase.to_owned(),
+            serde_json::json!({"p50": at(0.50), "p95": at(0.95), "p99": at(0.99)}),
+        );
+    }
+    Value::Object(out)
 }
 
 fn result_view(r: ResultRecord) -> ResultView {

@@ -147,6 +147,7 @@ impl Pipeline {
         let limits = DecodeLimits {
             max_frame_pixels: p.max_frame_pixels,
             deadline: p.segment_decode_timeout,
+            fast: p.fast_decode,
         };
         let mut failure = None;
         while let Some(event) = tokio::select! { _ = stop.cancelled() => None, e = rx.recv() => e }

@@ -38,6 +38,8 @@ pub fn init() {
 pub struct DecodeLimits {
     pub max_frame_pixels: u64,
     pub deadline: Duration,
+    /// Skip the in-loop deblocking filter (FAST_DECODE): less CPU, slightly blockier frames.
+    pub fast: bool,
 }
 
 /// Per-job decoding state carried from segment to segment (and saved for resume).
@@ -160,6 +162,10 @@ pub fn decode_segment(
         .video()
         .map_err(|e| DecodeError::Unreadable(e.to_string()))?;
     check_size(decoder.width(), decoder.height(), limits.max_frame_pixels)?;
+    if limits.fast {
+        // SAFETY: a plain field of the codec context we own, set before the first packet.
+        unsafe { (*decoder.as_mut_ptr()).skip_loop_filter = ffmpeg::ffi::AVDiscard::AVDISCARD_ALL };
+    }
     decoder.skip_frame(if keyframes_only {
         Discard::NonKey
     } else if frame_ms.is_some_and(|f| sampler.interval_ms() >= 3.0 * f) {

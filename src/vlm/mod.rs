@@ -4,6 +4,8 @@
 //! failed: why). Probes read readiness from here; the batcher calls backends through the
 //! [`Backend`] trait. Nothing here touches SQL or HTTP routing.
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod openai;
 
 use std::sync::{Arc, RwLock};
@@ -39,6 +41,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether the backend can answer now; `Ok` carries a short description.
     async fn check(&self) -> Result<String, String>;
 
+    /// Models held in memory now, with their weight bytes.
+    fn models_loaded(&self) -> Vec<(String, u64)> {
+        Vec::new()
+    }
+
     /// Batches this backend can usefully run at once.
     fn concurrent_batches(&self) -> usize {
         1
@@ -70,6 +77,30 @@ impl Readiness {
     }
 }
 
+/// The in-process engine for MODEL_PATH / MODEL_ID: (default model name, readiness).
+#[cfg(feature = "candle")]
+fn in_process(settings: &Settings, backend: &mut Option<Arc<dyn Backend>>) -> (String, Readiness) {
+    match candle::CandleBackend::from_settings(settings) {
+        Ok(b) => {
+            let name = b.default_name().to_owned();
+            *backend = Some(Arc::new(b));
+            (
+                name.clone(),
+                Readiness::Loading(format!("loading model {name} and running a warmup batch")),
+            )
+        }
+        Err(e) => ("none".to_owned(), Readiness::Failed(e)),
+    }
+}
+
+#[cfg(not(feature = "candle"))]
+fn in_process(_: &Settings, _: &mut Option<Arc<dyn Backend>>) -> (String, Readiness) {
+    (
+        "none".to_owned(),
+        Readiness::Failed("MODEL_PATH/MODEL_ID need the in-process engine: build with the `candle` feature (on by default)".into()),
+    )
+}
+
 /// The configured model backend and its readiness.
 #[derive(Clone)]
 pub struct Models {
@@ -98,20 +129,15 @@ impl Models {
                 }
                 Err(e) => (settings.openai.model.clone(), Readiness::Failed(e)),
             },
-            (ModelType::Auto, Some(path)) => (
-                path.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "local".into()),
-                Readiness::Failed(format!(
-                    "MODEL_PATH={} is set, but this build has no in-process model engine yet; \
-                     use MODEL_TYPE=openai with OPENAI_BASE_URL",
-                    path.display()
-                )),
-            ),
-            (ModelType::Auto, None) => (
-                "none".to_owned(),
-                Readiness::NotConfigured(NOT_CONFIGURED.to_owned()),
-            ),
+            (ModelType::Auto, _)
+                if settings.model_path.is_none() && settings.model_id.is_none() =>
+            {
+                (
+                    "none".to_owned(),
+                    Readiness::NotConfigured(NOT_CONFIGURED.to_owned()),
+                )
+            }
+            (ModelType::Auto, _) => in_process(settings, &mut backend),
         };
         Self {
             default_name: name,
@@ -166,6 +192,14 @@ impl Models {
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
+    }
+
+    /// Models the backend holds in memory now, with their weight bytes.
+    pub fn loaded(&self) -> Vec<(String, u64)> {
+        self.backend
+            .as_ref()
+            .map(|b| b.models_loaded())
+            .unwrap_or_default()
     }
 
     /// The model a job uses when it names none.

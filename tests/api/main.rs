@@ -8,6 +8,8 @@ mod errors;
 mod health;
 mod jobs;
 mod lifecycle;
+#[cfg(feature = "candle")]
+mod model;
 mod pipeline_hls;
 mod pipeline_redis;
 mod prompts;

@@ -1,0 +1,206 @@
+//! The in-process candle engine, end to end, on tiny PaliGemmas the project writes itself
+//! and loads through the same code path as real weights.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::fixtures::{make_hls, Container, Origin};
+use crate::helpers::{Db, TestApp};
+use free_roam::vlm::candle::tiny::make_tiny_model;
+
+const LONG: Duration = Duration::from_secs(120);
+
+fn tiny(dir: &Path, name: &str) -> String {
+    let d = dir.join(name);
+    make_tiny_model(&d, 28, 1).expect("tiny model");
+    d.display().to_string()
+}
+
+async fn spawn(env: &[(&str, &str)]) -> TestApp {
+    let mut all = vec![
+        ("MODEL_TYPE", "auto"),
+        ("OPENAI_BASE_URL", ""),
+        ("ALLOW_PRIVATE_NETWORKS", "true"),
+        ("MAX_NEW_TOKENS", "4"),
+    ];
+    all.extend_from_slice(env);
+    TestApp::spawn_with(Db::Sqlite, &all).await
+}
+
+async fn wait_ready(app: &TestApp) -> Value {
+    for _ in 0..600 {
+        let r = app.get("/health/ready").await;
+        if r.status == reqwest::StatusCode::OK {
+            return r.body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("never ready: {}", app.get("/health/ready").await.body);
+}
+
+async fn reasons(app: &TestApp, want: &str) -> String {
+    for _ in 0..300 {
+        let r = app.get("/health/ready").await;
+        let text = r.body["reasons"].to_string();
+        if text.contains(want) {
+            assert_eq!(r.status, reqwest::StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(
+                app.get("/health/live").await.status,
+                reqwest::StatusCode::OK,
+                "liveness stays 200"
+            );
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "readiness never said {want:?}: {}",
+        app.get("/health/ready").await.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_paligemma_answers_an_hls_stream_after_warmup() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path(), "tiny-a");
+    let settings = free_roam::config::Settings::from_sources(
+        None,
+        None,
+        [("MODEL_PATH".to_owned(), model.clone())]
+            .into_iter()
+            .collect(),
+    )
+    .unwrap();
+    let before = free_roam::vlm::Models::from_settings(&settings).readiness();
+    assert!(
+        matches!(before, free_roam::vlm::Readiness::Loading(_)),
+        "not ready before warmup: {before:?}"
+    );
+
+    make_hls(dir.path(), "vod", 2.0, 160, 90, Container::Ts, 1.0);
+    let origin = Origin::start(dir.path()).await;
+    let app = spawn(&[("MODEL_PATH", &model)]).await;
+    // A job accepted before the model is ready waits for it.
+    let id = app
+        .start_job(
+            json!({"stream_ref": origin.url("vod/index.m3u8"), "fps": 2, "prompt": "caption en"}),
+        )
+        .await;
+    let ready = wait_ready(&app).await;
+    assert_eq!(ready["status"], "ready");
+    let s = app.wait_status(&id, &["completed", "failed"], LONG).await;
+    assert_eq!(s["status"], "completed", "{s}");
+    let results = app.all_results(&id).await;
+    assert_eq!(results.len(), 4);
+    for r in &results {
+        assert!(r["error"].is_null(), "{r}");
+        assert!(r["output"].is_string());
+        assert_eq!(r["model"], "tiny-a");
+        assert!(r["latency_ms"]["inference"].as_f64().unwrap() > 0.0);
+    }
+    assert!(
+        results
+            .iter()
+            .any(|r| r["batch_size"].as_i64().unwrap() > 1),
+        "frames are batched: {results:?}"
+    );
+    for phase in ["queue", "preprocess", "inference", "total"] {
+        assert!(
+            s["latency_ms"][phase]["p95"].is_number(),
+            "status has p95 of {phase}: {}",
+            s["latency_ms"]
+        );
+    }
+    assert_eq!(s["models_loaded"][0]["name"], "tiny-a");
+    let metrics = app.send(app.client.get(app.url("/metrics"))).await.body;
+    assert!(metrics
+        .as_str()
+        .unwrap()
+        .contains("free_roam_stage_seconds_bucket{stage=\"inference\",model=\"tiny-a\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_jobs_on_two_models_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = tiny(dir.path(), "tiny-a");
+    let b = tiny(dir.path(), "tiny-b");
+    make_hls(dir.path(), "vod", 2.0, 160, 90, Container::Ts, 1.0);
+    let origin = Origin::start(dir.path()).await;
+    let extra = format!("tiny-b={b}");
+    let app = spawn(&[("MODEL_PATH", &a), ("EXTRA_MODELS", &extra)]).await;
+    wait_ready(&app).await;
+    let j1 = app
+        .start_job(json!({"stream_ref": origin.url("vod/index.m3u8")}))
+        .await;
+    let j2 = app
+        .start_job(json!({"stream_ref": origin.url("vod/index.m3u8"), "model": "tiny-b"}))
+        .await;
+    let j3 = app
+        .start_job(json!({"stream_ref": origin.url("vod/index.m3u8"), "model": "nope"}))
+        .await;
+    for (id, model) in [(&j1, "tiny-a"), (&j2, "tiny-b")] {
+        assert_eq!(
+            app.wait_status(id, &["completed", "failed"], LONG).await["status"],
+            "completed"
+        );
+        let results = app.all_results(id).await;
+        assert!(
+            !results.is_empty()
+                && results
+                    .iter()
+                    .all(|r| r["model"] == model && r["error"].is_null()),
+            "{results:?}"
+        );
+    }
+    app.wait_status(&j3, &["completed", "failed"], LONG).await;
+    let results = app.all_results(&j3).await;
+    assert!(
+        results
+            .iter()
+            .all(|r| r["error"].as_str().unwrap().contains("unknown model")),
+        "{results:?}"
+    );
+    let s = app
+        .get(&format!("/api/v1/inference/status/{j1}"))
+        .await
+        .body;
+    let mut loaded: Vec<&str> = s["models_loaded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    loaded.sort_unstable();
+    assert_eq!(loaded, vec!["tiny-a", "tiny-b"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_mismatched_and_oversized_models_say_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = tiny(dir.path(), "missing");
+    std::fs::remove_file(Path::new(&missing).join("tokenizer.json")).unwrap();
+    let app = spawn(&[("MODEL_PATH", &missing)]).await;
+    let why = reasons(&app, "tokenizer.json is missing").await;
+    assert!(why.contains("MODEL_PATH"), "{why}");
+
+    let mismatched = tiny(dir.path(), "mismatched");
+    let cfg_path = Path::new(&mismatched).join("config.json");
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["text_config"]["hidden_size"] = json!(32);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let app = spawn(&[("MODEL_PATH", &mismatched)]).await;
+    reasons(&app, "config.json does not match the weights").await;
+
+    let ok = tiny(dir.path(), "ok");
+    let app = spawn(&[("MODEL_PATH", &ok), ("MODEL_CACHE_BYTES", "1000")]).await;
+    reasons(&app, "MODEL_CACHE_BYTES").await;
+
+    let app = spawn(&[]).await;
+    let r = app.get("/health/ready").await;
+    assert!(
+        r.body["reasons"].to_string().contains("MODEL_PATH"),
+        "no model: says what to set"
+    );
+}
