@@ -225,6 +225,13 @@ impl PaliGemma {
         for f in frames {
             let img = image::RgbImage::from_raw(f.width, f.height, f.rgb.clone())
                 .ok_or("frame buffer has the wrong size")?;
+            // A fast box reduction to twice the size first, then bicubic: close to PIL's
+            // bicubic on large images (which supersamples), at a fraction of the cost.
+            let img = if img.width() > 2 * s && img.height() > 2 * s {
+                image::imageops::thumbnail(&img, 2 * s, 2 * s)
+            } else {
+                img
+            };
             let resized =
                 image::imageops::resize(&img, s, s, image::imageops::FilterType::CatmullRom);
             for c in 0..3 {
