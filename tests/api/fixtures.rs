@@ -372,3 +372,31 @@ pub fn jpeg_at(t_ms: i64, width: u32, height: u32) -> Vec<u8> {
         .unwrap();
     out
 }
+
+/// An origin serving a `seconds`-long rendition (1 s segments) under `live/`: as VOD at
+/// `live/index.m3u8`, and as a live playlist growing by one segment every `every` at
+/// `live/live.m3u8`.
+pub async fn live_origin(
+    dir: &Path,
+    seconds: f64,
+    initial: usize,
+    every: Duration,
+    stall_at: Option<usize>,
+    end: bool,
+) -> Origin {
+    let rendition = make_hls(dir, "live", seconds, 160, 90, Container::Ts, 1.0);
+    let (header, segments) = segments_of(&rendition.join("index.m3u8"));
+    assert_eq!(segments.len(), seconds as usize, "one segment per second");
+    let origin = Origin::start(dir).await;
+    let live = Live {
+        header,
+        segments,
+        initial,
+        every,
+        stall_at,
+        end,
+        started: Instant::now(),
+    };
+    origin.route("live/live.m3u8", Route::Live(live));
+    origin
+}

@@ -204,3 +204,18 @@ async fn missing_mismatched_and_oversized_models_say_what_is_wrong() {
         "no model: says what to set"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_hub_says_how_to_supply_the_model() {
+    // nextest runs each test in its own process, so this environment is this test's alone.
+    let home = tempfile::tempdir().unwrap();
+    std::env::set_var("HF_HOME", home.path());
+    std::env::set_var("HF_ENDPOINT", "http://127.0.0.1:9");
+    let app = spawn(&[
+        ("MODEL_ID", "google/paligemma-3b-mix-224"),
+        ("MODEL_REVISION", "main"),
+    ])
+    .await;
+    let why = reasons(&app, "cannot fetch MODEL_ID=google/paligemma-3b-mix-224").await;
+    assert!(why.contains("MODEL_PATH"), "{why}");
+}

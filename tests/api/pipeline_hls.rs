@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use crate::db_tests;
 use crate::fixtures::{
-    brightness_to_ms, make_hls, segments_of, Container, Live, ModelServer, Origin, Route,
+    brightness_to_ms, live_origin, make_hls, Container, ModelServer, Origin, Route,
 };
 use crate::helpers::{pairs, Db, TestApp};
 
@@ -129,22 +129,7 @@ async fn fmp4_from_a_master_playlist(db: Db) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_playlist_grows_and_a_prompt_update_applies_mid_job() {
     let dir = tempfile::tempdir().unwrap();
-    let rendition = make_hls(dir.path(), "live", 7.0, 160, 90, Container::Ts, 1.0);
-    let (header, segments) = segments_of(&rendition.join("index.m3u8"));
-    assert_eq!(segments.len(), 7);
-    let origin = Origin::start(dir.path()).await;
-    origin.route(
-        "live/live.m3u8",
-        Route::Live(Live {
-            header,
-            segments,
-            initial: 2,
-            every: Duration::from_millis(800),
-            stall_at: None,
-            end: true,
-            started: Instant::now(),
-        }),
-    );
+    let origin = live_origin(dir.path(), 7.0, 2, Duration::from_millis(800), None, true).await;
     let model = ModelServer::start().await;
     let app = spawn(Db::Sqlite, &model, &[]).await;
     let id = app
@@ -247,21 +232,15 @@ async fn missing_and_corrupt_segments_are_skipped_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_and_malformed_playlists_fail_the_job_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let rendition = make_hls(dir.path(), "live", 4.0, 160, 90, Container::Ts, 1.0);
-    let (header, segments) = segments_of(&rendition.join("index.m3u8"));
-    let origin = Origin::start(dir.path()).await;
-    origin.route(
-        "live/stalled.m3u8",
-        Route::Live(Live {
-            header,
-            segments,
-            initial: 2,
-            every: Duration::from_secs(3600),
-            stall_at: Some(2),
-            end: false,
-            started: Instant::now(),
-        }),
-    );
+    let origin = live_origin(
+        dir.path(),
+        4.0,
+        2,
+        Duration::from_secs(3600),
+        Some(2),
+        false,
+    )
+    .await;
     origin.route(
         "bad.m3u8",
         Route::Bytes(b"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:-5,\nseg0.ts\n".to_vec()),
@@ -270,7 +249,7 @@ async fn stalled_and_malformed_playlists_fail_the_job_with_the_reason() {
     let app = spawn(Db::Sqlite, &model, &[("HLS_STALL_TARGET_DURATIONS", "2")]).await;
 
     let stalled = app
-        .start_job(json!({"stream_ref": origin.url("live/stalled.m3u8"), "from_beginning": true}))
+        .start_job(json!({"stream_ref": origin.url("live/live.m3u8"), "from_beginning": true}))
         .await;
     let bad = app
         .start_job(json!({"stream_ref": origin.url("bad.m3u8")}))
@@ -360,21 +339,7 @@ async fn private_addresses_are_refused_unless_allowed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_a_live_job_within_a_second_and_keeps_its_results() {
     let dir = tempfile::tempdir().unwrap();
-    let rendition = make_hls(dir.path(), "live", 7.0, 160, 90, Container::Ts, 1.0);
-    let (header, segments) = segments_of(&rendition.join("index.m3u8"));
-    let origin = Origin::start(dir.path()).await;
-    origin.route(
-        "live/live.m3u8",
-        Route::Live(Live {
-            header,
-            segments,
-            initial: 2,
-            every: Duration::from_millis(700),
-            stall_at: None,
-            end: false,
-            started: Instant::now(),
-        }),
-    );
+    let origin = live_origin(dir.path(), 7.0, 2, Duration::from_millis(700), None, false).await;
     let model = ModelServer::start().await;
     let app = spawn(Db::Sqlite, &model, &[]).await;
     let id = app
@@ -451,21 +416,7 @@ async fn model_failures_are_retried_or_stored_as_that_frames_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_model_on_live_video_drops_the_oldest_frames() {
     let dir = tempfile::tempdir().unwrap();
-    let rendition = make_hls(dir.path(), "live", 7.0, 160, 90, Container::Ts, 1.0);
-    let (header, segments) = segments_of(&rendition.join("index.m3u8"));
-    let origin = Origin::start(dir.path()).await;
-    origin.route(
-        "live/live.m3u8",
-        Route::Live(Live {
-            header,
-            segments,
-            initial: 1,
-            every: Duration::from_millis(250),
-            stall_at: None,
-            end: true,
-            started: Instant::now(),
-        }),
-    );
+    let origin = live_origin(dir.path(), 7.0, 1, Duration::from_millis(250), None, true).await;
     let model = ModelServer::start().await;
     model.set_delay(Duration::from_millis(300));
     let app = spawn(
