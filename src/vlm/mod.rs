@@ -164,7 +164,7 @@ impl Models {
                 Ok(Err(why)) => Readiness::Failed(why),
                 Err(_) => Readiness::Failed("the model backend did not answer within 5 s".into()),
             };
-            if readiness != self.readiness() {
+            if std::mem::discriminant(&readiness) != std::mem::discriminant(&self.readiness()) {
                 tracing::info!(?readiness, "model backend readiness changed");
             }
             self.set_readiness(readiness);

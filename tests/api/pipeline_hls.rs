@@ -51,6 +51,8 @@ async fn vod_ts_end_to_end(db: Db) {
     assert_eq!(stats["segments_failed"], 0);
     assert_eq!(stats["frames_sampled"], 12);
     assert_eq!(stats["frames_dropped"], 0, "VOD drops nothing");
+    assert!(stats["live_lag_ms"].is_null(), "a VOD has no live lag");
+    assert_eq!(stats["last_pts_ms"], 5500);
     assert_eq!(stats["results"], 12);
     assert!(
         stats["frames_decoded"].as_u64().unwrap() < 180,

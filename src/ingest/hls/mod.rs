@@ -128,7 +128,10 @@ impl HlsSource {
             let start = next_seq;
             for segment in playlist.segments.iter().filter(|s| s.seq >= start) {
                 listed_ms += segment.duration_ms;
-                stats.listed_ms.store(listed_ms as i64, Ordering::Relaxed);
+                // Lag behind the live edge means nothing for a VOD.
+                if !playlist.ended {
+                    stats.listed_ms.store(listed_ms as i64, Ordering::Relaxed);
+                }
                 let event = match self.fetch_segment(segment, &mut init_cache, &cancel).await {
                     Ok(bytes) => {
                         Stats::add(&stats.segments_fetched, 1);
