@@ -27,6 +27,21 @@ pub fn brightness_to_ms(brightness: f64) -> f64 {
     brightness * 219.0 / 255.0 / LUMA_PER_SECOND * 1000.0
 }
 
+/// The model saw, for each result, the frame at that result's `pts_ms` (within `tolerance_ms`):
+/// the fake model server answers with the brightness of the JPEG it received.
+pub fn assert_right_frames(results: &[Value], tolerance_ms: f64) {
+    for r in results {
+        let answer: Value = serde_json::from_str(r["output"].as_str().expect("an output")).unwrap();
+        let seen_ms = brightness_to_ms(answer["brightness"].as_f64().unwrap());
+        let pts = r["pts_ms"].as_f64().unwrap();
+        assert!(
+            (seen_ms - pts).abs() <= tolerance_ms,
+            "result {} at {pts} ms shows the frame of {seen_ms:.0} ms",
+            r["seq"]
+        );
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Container {
     Ts,

@@ -6,25 +6,11 @@ use serde_json::{json, Value};
 
 use crate::db_tests;
 use crate::fixtures::{
-    brightness_to_ms, live_origin, make_hls, Container, ModelServer, Origin, Route,
+    assert_right_frames, live_origin, make_hls, Container, ModelServer, Origin, Route,
 };
 use crate::helpers::{pairs, Db, TestApp};
 
 const LONG: Duration = Duration::from_secs(60);
-
-/// The model saw, for each result, the frame at that result's pts_ms (within a frame or two).
-fn assert_right_frames(results: &[Value]) {
-    for r in results {
-        let answer: Value = serde_json::from_str(r["output"].as_str().expect("an output")).unwrap();
-        let seen_ms = brightness_to_ms(answer["brightness"].as_f64().unwrap());
-        let pts = r["pts_ms"].as_f64().unwrap();
-        assert!(
-            (seen_ms - pts).abs() <= 80.0,
-            "result {} at {pts} ms shows the frame of {seen_ms:.0} ms",
-            r["seq"]
-        );
-    }
-}
 
 async fn spawn(db: Db, model: &ModelServer, extra: &[(&'static str, &str)]) -> TestApp {
     let owned = model.env();
@@ -71,7 +57,7 @@ async fn vod_ts_end_to_end(db: Db) {
     );
     let seqs: Vec<i64> = results.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
     assert_eq!(seqs, (0..12).collect::<Vec<_>>());
-    assert_right_frames(&results);
+    assert_right_frames(&results, 80.0);
     for r in &results {
         assert_eq!(r["model"], "test-model");
         assert_eq!(r["prompt_version"], 1);
@@ -112,7 +98,7 @@ async fn fmp4_from_a_master_playlist(db: Db) {
         .map(|r| r["pts_ms"].as_i64().unwrap())
         .collect();
     assert_eq!(pts, vec![0, 1000, 2000, 3000]);
-    assert_right_frames(&results);
+    assert_right_frames(&results, 80.0);
     assert!(
         model.asked().iter().all(|a| a.height == 90),
         "the variant within MAX_INPUT_HEIGHT was used"
@@ -162,7 +148,7 @@ async fn live_playlist_grows_and_a_prompt_update_applies_mid_job() {
         (0..14).map(|i| i * 500).collect::<Vec<_>>(),
         "every segment once, in order"
     );
-    assert_right_frames(&results);
+    assert_right_frames(&results, 80.0);
     let versions: Vec<i64> = results
         .iter()
         .map(|r| r["prompt_version"].as_i64().unwrap())
@@ -219,7 +205,7 @@ async fn missing_and_corrupt_segments_are_skipped_and_counted() {
         pts,
         vec![0, 500, 1000, 1500, 3000, 3500, 5000, 5500, 6000, 6500]
     );
-    assert_right_frames(&results);
+    assert_right_frames(&results, 80.0);
     assert_eq!(
         origin
             .requested()
@@ -456,7 +442,7 @@ async fn a_slow_model_on_live_video_drops_the_oldest_frames() {
         pts.windows(2).all(|w| w[0] < w[1]),
         "results stay in media order: {pts:?}"
     );
-    assert_right_frames(&results);
+    assert_right_frames(&results, 80.0);
     assert!(
         model.asked().iter().all(|a| a.model == "other-model"),
         "the job's model is sent"

@@ -5,9 +5,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::fixtures::{brightness_to_ms, jpeg_at, ModelServer};
+use crate::fixtures::{assert_right_frames, jpeg_at, ModelServer};
 use crate::helpers::{pairs, Db, TestApp};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -42,18 +42,6 @@ fn key() -> String {
 
 async fn app(model: &ModelServer) -> TestApp {
     TestApp::spawn_with(Db::Sqlite, &pairs(&model.env())).await
-}
-
-fn assert_right_frames(results: &[Value]) {
-    for r in results {
-        let answer: Value = serde_json::from_str(r["output"].as_str().expect("an output")).unwrap();
-        let seen = brightness_to_ms(answer["brightness"].as_f64().unwrap());
-        let pts = r["pts_ms"].as_f64().unwrap();
-        assert!(
-            (seen - pts).abs() <= 60.0,
-            "result at {pts} ms shows the frame of {seen:.0} ms"
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,7 +80,7 @@ async fn entries_are_sampled_by_time_and_acked_after_storing() {
         .map(|r| r["pts_ms"].as_i64().unwrap())
         .collect();
     assert_eq!(pts, vec![0, 500, 1000, 1500, 3000]);
-    assert_right_frames(&results);
+    assert_right_frames(&results, 60.0);
     // The entry without a frame is skipped; the undecodable one took its sampling slot.
     let stats = app
         .wait_for(&id, LONG, |s| s["stats"]["entries_invalid"] == 2)
