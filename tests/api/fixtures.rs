@@ -42,6 +42,14 @@ pub fn assert_right_frames(results: &[Value], tolerance_ms: f64) {
     }
 }
 
+/// The `pts_ms` of each result, in order.
+pub fn pts_of(results: &[Value]) -> Vec<i64> {
+    results
+        .iter()
+        .map(|r| r["pts_ms"].as_i64().expect("pts_ms"))
+        .collect()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Container {
     Ts,

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use crate::db_tests;
 use crate::fixtures::{
-    assert_right_frames, live_origin, make_hls, Container, ModelServer, Origin, Route,
+    assert_right_frames, live_origin, make_hls, pts_of, Container, ModelServer, Origin, Route,
 };
 use crate::helpers::{pairs, Db, TestApp};
 
@@ -46,10 +46,7 @@ async fn vod_ts_end_to_end(db: Db) {
     );
 
     let results = app.all_results(&id).await;
-    let pts: Vec<i64> = results
-        .iter()
-        .map(|r| r["pts_ms"].as_i64().unwrap())
-        .collect();
+    let pts = pts_of(&results);
     assert_eq!(
         pts,
         (0..12).map(|i| i * 500).collect::<Vec<_>>(),
@@ -93,10 +90,7 @@ async fn fmp4_from_a_master_playlist(db: Db) {
     let status = app.wait_status(&id, &["completed", "failed"], LONG).await;
     assert_eq!(status["status"], "completed", "{status}");
     let results = app.all_results(&id).await;
-    let pts: Vec<i64> = results
-        .iter()
-        .map(|r| r["pts_ms"].as_i64().unwrap())
-        .collect();
+    let pts = pts_of(&results);
     assert_eq!(pts, vec![0, 1000, 2000, 3000]);
     assert_right_frames(&results, 80.0);
     assert!(
@@ -139,10 +133,7 @@ async fn live_playlist_grows_and_a_prompt_update_applies_mid_job() {
     );
 
     let results = app.all_results(&id).await;
-    let pts: Vec<i64> = results
-        .iter()
-        .map(|r| r["pts_ms"].as_i64().unwrap())
-        .collect();
+    let pts = pts_of(&results);
     assert_eq!(
         pts,
         (0..14).map(|i| i * 500).collect::<Vec<_>>(),
@@ -196,10 +187,7 @@ async fn missing_and_corrupt_segments_are_skipped_and_counted() {
     assert_eq!(status["stats"]["segments_failed"], 2, "{}", status["stats"]);
     assert_eq!(status["stats"]["segments_fetched"], 6);
     let results = app.all_results(&id).await;
-    let pts: Vec<i64> = results
-        .iter()
-        .map(|r| r["pts_ms"].as_i64().unwrap())
-        .collect();
+    let pts = pts_of(&results);
     // Seconds 2-3 and 4-5 are gone; the rest keep their true media times.
     assert_eq!(
         pts,
@@ -434,10 +422,7 @@ async fn a_slow_model_on_live_video_drops_the_oldest_frames() {
         "{stats}"
     );
     let results = app.all_results(&id).await;
-    let pts: Vec<i64> = results
-        .iter()
-        .map(|r| r["pts_ms"].as_i64().unwrap())
-        .collect();
+    let pts = pts_of(&results);
     assert!(
         pts.windows(2).all(|w| w[0] < w[1]),
         "results stay in media order: {pts:?}"

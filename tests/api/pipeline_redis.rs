@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::AsyncCommands;
 use serde_json::json;
 
-use crate::fixtures::{assert_right_frames, jpeg_at, ModelServer};
+use crate::fixtures::{assert_right_frames, jpeg_at, pts_of, ModelServer};
 use crate::helpers::{pairs, Db, TestApp};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -75,10 +75,7 @@ async fn entries_are_sampled_by_time_and_acked_after_storing() {
     );
     assert_eq!(status["source_type"], "redis");
     let results = app.all_results(&id).await;
-    let pts: Vec<i64> = results
-        .iter()
-        .map(|r| r["pts_ms"].as_i64().unwrap())
-        .collect();
+    let pts = pts_of(&results);
     assert_eq!(pts, vec![0, 500, 1000, 1500, 3000]);
     assert_right_frames(&results, 60.0);
     // The entry without a frame is skipped; the undecodable one took its sampling slot.
@@ -140,12 +137,7 @@ async fn pending_entries_are_read_before_new_ones() {
         .start_job(json!({"stream_ref": format!("{SHARED}/{key}"), "job_id": job_id, "fps": 2}))
         .await;
     app.wait_for(&id, LONG, |s| s["results_count"] == 5).await;
-    let pts: Vec<i64> = app
-        .all_results(&id)
-        .await
-        .iter()
-        .map(|r| r["pts_ms"].as_i64().unwrap())
-        .collect();
+    let pts = pts_of(&app.all_results(&id).await);
     assert_eq!(
         pts,
         vec![0, 500, 1000, 1500, 2000],
@@ -258,12 +250,7 @@ async fn a_redis_restart_does_not_fail_the_job() {
         "{}",
         health.body
     );
-    let pts: Vec<i64> = app
-        .all_results(&id)
-        .await
-        .iter()
-        .map(|r| r["pts_ms"].as_i64().unwrap())
-        .collect();
+    let pts = pts_of(&app.all_results(&id).await);
     assert_eq!(pts, vec![0, 500, 1000, 1500, 2000, 2500]);
     app.delete(&format!("/api/v1/inference/cancel/{id}")).await;
 }
