@@ -2,7 +2,7 @@
 //!
 //! `free-roam dev bench-ingest` makes a 60 s 1280x720 30 fps H.264 HLS stream with the ffmpeg
 //! CLI, then measures, in one run: the CPU time of the service's own decode-and-sample path
-//! (`media::decode::decode_segment` over every segment, as a pipeline runs it) at 2 fps;
+//! (`media::decode::SegmentDecoder` over every segment, as a pipeline runs it) at 2 fps;
 //! the CPU time of the ffmpeg CLI doing the same sampling; and how many such streams decode
 //! at once in real time on this machine. It prints Markdown for BENCHMARKS.md.
 
@@ -12,11 +12,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::media::decode::{decode_segment, DecodeLimits, DecodeState};
+use crate::media::decode::{DecodeLimits, DecodeState, SegmentDecoder};
 use crate::media::sampler::Sampler;
 
 const SECONDS: u32 = 60;
 const FPS: f64 = 2.0;
+/// Runs of each single-stream measurement; the median is reported.
+const ROUNDS: u32 = 5;
+
+fn median(mut runs: Vec<Duration>) -> Duration {
+    runs.sort_unstable();
+    runs[runs.len() / 2]
+}
 
 /// CPU time (user + system) of this process, or of its waited-for children.
 fn cpu(who: libc::c_int) -> Duration {
@@ -83,30 +90,32 @@ fn make_stream(dir: &Path) -> anyhow::Result<Vec<(PathBuf, f64)>> {
 }
 
 /// Decodes and samples every segment once, as one job's pipeline does; returns frames kept.
-fn ingest(segments: &[(Vec<u8>, f64)], fast: bool) -> anyhow::Result<usize> {
+/// The segments arrive owned, as the fetcher hands them over.
+fn ingest(segments: Vec<(Vec<u8>, f64)>, fast: bool) -> anyhow::Result<Ingested> {
     let mut state = DecodeState::default();
     let mut sampler = Sampler::new(FPS);
-    let limits = DecodeLimits {
+    let mut decoder = SegmentDecoder::new(DecodeLimits {
         max_frame_pixels: 3840 * 2160,
         deadline: Duration::from_secs(30),
         fast,
-    };
-    let mut kept = 0;
+    });
+    let mut done = Ingested::default();
     for (bytes, duration_ms) in segments {
-        let out = decode_segment(
-            bytes.clone(),
-            *duration_ms,
-            false,
-            &mut state,
-            &mut sampler,
-            &limits,
-        )?;
-        kept += out.frames.len();
+        let out = decoder.decode(bytes, duration_ms, false, &mut state, &mut sampler)?;
+        done.kept += out.frames.len();
+        done.decoded += out.frames_decoded;
     }
-    Ok(kept)
+    Ok(done)
 }
 
-pub fn bench_ingest(dir: &Path) -> anyhow::Result<String> {
+#[derive(Default)]
+struct Ingested {
+    kept: usize,
+    decoded: u64,
+}
+
+/// Runs the ingest benchmark; `concurrency` adds the streams-at-once measurement.
+pub fn bench_ingest(dir: &Path, concurrency: bool) -> anyhow::Result<String> {
     std::fs::create_dir_all(dir)?;
     let files = make_stream(dir)?;
     let segments: Vec<(Vec<u8>, f64)> = files
@@ -114,59 +123,56 @@ pub fn bench_ingest(dir: &Path) -> anyhow::Result<String> {
         .map(|(p, d)| Ok((std::fs::read(p)?, *d)))
         .collect::<anyhow::Result<_>>()?;
 
-    // Ours, on this thread: as configured by default, and with FAST_DECODE=true.
-    ingest(&segments[..1], false)?; // warm caches
-    let before = cpu(libc::RUSAGE_SELF);
-    let wall = Instant::now();
-    let kept = ingest(&segments, false)?;
-    let ours_cpu = cpu(libc::RUSAGE_SELF) - before;
-    let ours_wall = wall.elapsed();
-    let before = cpu(libc::RUSAGE_SELF);
-    ingest(&segments, true)?;
-    let fast_cpu = cpu(libc::RUSAGE_SELF) - before;
+    // Ours, on this thread: as configured by default, and with FAST_DECODE=true; then the
+    // ffmpeg CLI doing the same sampling. Each is run ROUNDS times, interleaved, and the median
+    // CPU time is reported (single runs vary by several percent on this machine).
+    ingest(segments[..1].to_vec(), false)?; // warm caches
+    let (mut ours, mut fast, mut cli) = (Vec::new(), Vec::new(), Vec::new());
+    let mut done = Ingested::default();
+    let mut ours_wall = Duration::ZERO;
+    for _ in 0..ROUNDS {
+        let owned = segments.clone();
+        let before = cpu(libc::RUSAGE_SELF);
+        let wall = Instant::now();
+        done = ingest(owned, false)?;
+        ours.push(cpu(libc::RUSAGE_SELF) - before);
+        ours_wall += wall.elapsed() / ROUNDS;
 
-    // The ffmpeg CLI doing the same sampling.
-    let before = cpu(libc::RUSAGE_CHILDREN);
-    let status = Command::new("ffmpeg")
-        .current_dir(dir)
-        .args([
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-threads",
-            "1",
-            "-i",
-            "index.m3u8",
-        ])
-        .args([
-            "-vf",
-            "fps=2",
-            "-f",
-            "rawvideo",
-            "-pix_fmt",
-            "rgb24",
-            "-y",
-            "/dev/null",
-        ])
-        .status()?;
-    if !status.success() {
-        bail!("ffmpeg CLI run failed");
+        let owned = segments.clone();
+        let before = cpu(libc::RUSAGE_SELF);
+        ingest(owned, true)?;
+        fast.push(cpu(libc::RUSAGE_SELF) - before);
+
+        let before = cpu(libc::RUSAGE_CHILDREN);
+        let status = Command::new("ffmpeg")
+            .current_dir(dir)
+            .args(["-hide_banner", "-loglevel", "error"])
+            .args(["-threads", "1", "-i", "index.m3u8"])
+            .args(["-vf", "fps=2", "-f", "rawvideo", "-pix_fmt", "rgb24"])
+            .args(["-y", "/dev/null"])
+            .status()?;
+        if !status.success() {
+            bail!("ffmpeg CLI run failed");
+        }
+        cli.push(cpu(libc::RUSAGE_CHILDREN) - before);
     }
-    let cli_cpu = cpu(libc::RUSAGE_CHILDREN) - before;
+    let (ours_cpu, fast_cpu, cli_cpu) = (median(ours), median(fast), median(cli));
+    let kept = done.kept;
 
     // Streams at once: N threads each ingesting the whole stream; real time holds while all
     // N finish 60 s of media in under 60 s of wall time.
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    let measure_concurrency = concurrency;
     let mut concurrency = Vec::new();
     let mut n = 8;
-    loop {
+    while measure_concurrency {
         let wall = Instant::now();
         let handles: Vec<_> = (0..n)
             .map(|_| {
                 let segs = segments.clone();
-                std::thread::spawn(move || ingest(&segs, false).map(|_| ()))
+                std::thread::spawn(move || ingest(segs, false).map(|_| ()))
             })
             .collect();
         for h in handles {
@@ -193,23 +199,26 @@ pub fn bench_ingest(dir: &Path) -> anyhow::Result<String> {
     md.push_str(&format!(
         "Stream: {SECONDS} s, 1280x720, 30 fps, H.264 (x264 veryfast, GOP 2 s, B-frames), 2 s MPEG-TS segments; sampled at {FPS} fps; {cores} cores.\n\n"
     ));
-    md.push_str(
-        "| path | CPU time | per second of media | frames kept |\n| --- | --- | --- | --- |\n",
-    );
+    let decoded = done.decoded;
+    let all = SECONDS * 30;
     md.push_str(&format!(
-        "| free-roam ingest (decode_segment, 1 thread) | {:.2} s | {:.1} ms | {kept} |\n",
+        "| path | CPU time (median of {ROUNDS}) | per second of media | frames decoded | frames kept |\n| --- | --- | --- | --- | --- |\n"
+    ));
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0 / f64::from(SECONDS);
+    md.push_str(&format!(
+        "| free-roam ingest (SegmentDecoder, 1 thread) | {:.2} s | {:.1} ms | {decoded} | {kept} |\n",
         ours_cpu.as_secs_f64(),
-        ours_cpu.as_secs_f64() * 1000.0 / f64::from(SECONDS)
+        ms(ours_cpu)
     ));
     md.push_str(&format!(
-        "| free-roam ingest with FAST_DECODE=true (no deblocking) | {:.2} s | {:.1} ms | {kept} |\n",
+        "| free-roam ingest with FAST_DECODE=true (no deblocking) | {:.2} s | {:.1} ms | {decoded} | {kept} |\n",
         fast_cpu.as_secs_f64(),
-        fast_cpu.as_secs_f64() * 1000.0 / f64::from(SECONDS)
+        ms(fast_cpu)
     ));
     md.push_str(&format!(
-        "| `ffmpeg -threads 1 -i index.m3u8 -vf fps=2 -f rawvideo -pix_fmt rgb24 -y /dev/null` | {:.2} s | {:.1} ms | {} |\n\n",
+        "| `ffmpeg -threads 1 -i index.m3u8 -vf fps=2 -f rawvideo -pix_fmt rgb24 -y /dev/null` | {:.2} s | {:.1} ms | {all} | {} |\n\n",
         cli_cpu.as_secs_f64(),
-        cli_cpu.as_secs_f64() * 1000.0 / f64::from(SECONDS),
+        ms(cli_cpu),
         SECONDS as f64 * FPS
     ));
     md.push_str(&format!(
@@ -218,6 +227,9 @@ pub fn bench_ingest(dir: &Path) -> anyhow::Result<String> {
         fast_cpu.as_secs_f64() / cli_cpu.as_secs_f64().max(1e-9),
         ours_wall.as_secs_f64()
     ));
+    if !measure_concurrency {
+        return Ok(md);
+    }
     md.push_str("| streams at once | wall time for 60 s of media each | real-time factor |\n| --- | --- | --- |\n");
     for (n, t) in &concurrency {
         md.push_str(&format!(

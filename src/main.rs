@@ -47,10 +47,14 @@ enum DevTool {
         /// Model directory (make one with make-tiny-model).
         dir: std::path::PathBuf,
     },
+    /// Measure the CPU time of HLS ingest against the ffmpeg CLI, and streams at once.
     BenchIngest {
         /// Where the benchmark stream is made (and reused).
         #[arg(default_value = "target/bench-media")]
         dir: std::path::PathBuf,
+        /// Only the single-stream CPU comparison (skips the minutes-long concurrency run).
+        #[arg(long)]
+        single: bool,
     },
 }
 
@@ -65,9 +69,9 @@ async fn main() {
             return;
         }
         Some(Command::Dev {
-            tool: DevTool::BenchIngest { dir },
+            tool: DevTool::BenchIngest { dir, single },
         }) => {
-            match free_roam::devtools::bench_ingest(dir) {
+            match free_roam::devtools::bench_ingest(dir, !single) {
                 Ok(md) => print!("{md}"),
                 Err(e) => {
                     eprintln!("bench-ingest: {e:#}");

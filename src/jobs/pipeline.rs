@@ -24,7 +24,7 @@ use crate::domain::{JobId, Source};
 use crate::ingest::hls::fetch::Fetcher;
 use crate::ingest::hls::{HlsEvent, HlsLimits, HlsSource};
 use crate::ingest::redis::{Acker, RedisSource, RedisSourceConfig};
-use crate::media::decode::{decode_segment, DecodeError, DecodeLimits, DecodeState};
+use crate::media::decode::{DecodeError, DecodeLimits, DecodeState, SegmentDecoder};
 use crate::media::sampler::Sampler;
 use crate::media::Frame;
 use crate::retry::Backoff;
@@ -144,11 +144,11 @@ impl Pipeline {
         let mut sampler = progress
             .sampler
             .unwrap_or_else(|| Sampler::new(self.job.fps));
-        let limits = DecodeLimits {
+        let mut decoder = Some(SegmentDecoder::new(DecodeLimits {
             max_frame_pixels: p.max_frame_pixels,
             deadline: p.segment_decode_timeout,
             fast: p.fast_decode,
-        };
+        }));
         let mut failure = None;
         while let Some(event) = tokio::select! { _ = stop.cancelled() => None, e = rx.recv() => e }
         {
@@ -170,27 +170,30 @@ impl Pipeline {
                 HlsEvent::Segment(seg) => {
                     let seq = seg.seq;
                     let duration_ms = seg.duration_ms;
-                    let (mut st, mut sm, lim) = (decode.clone(), sampler.clone(), limits.clone());
+                    let (mut st, mut sm) = (decode.clone(), sampler.clone());
+                    let Some(mut dec) = decoder.take() else {
+                        break;
+                    };
                     let started = std::time::Instant::now();
                     let span = tracing::Span::current();
                     let joined = tokio::task::spawn_blocking(move || {
                         let _g = span.enter();
-                        let r = decode_segment(
+                        let r = dec.decode(
                             seg.bytes,
                             seg.duration_ms,
                             seg.discontinuity,
                             &mut st,
                             &mut sm,
-                            &lim,
                         );
-                        (r, st, sm)
+                        (r, st, sm, dec)
                     })
                     .await;
                     metrics::histogram!("free_roam_stage_seconds", "stage" => "decode", "model" => "").record(started.elapsed().as_secs_f64());
-                    let Ok((result, st, sm)) = joined else {
+                    let Ok((result, st, sm, dec)) = joined else {
                         failure = Some("the decoder crashed".to_owned());
                         break;
                     };
+                    decoder = Some(dec);
                     match result {
                         Ok(out) => {
                             decode = st;

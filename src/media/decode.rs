@@ -1,11 +1,13 @@
-//! Decodes one fetched HLS segment with ffmpeg-next and returns the sampled frames.
+//! Decodes a job's fetched HLS segments with ffmpeg-next and returns the sampled frames.
 //!
 //! Runs on a blocking thread. The bytes come from memory through a custom AVIO context, so
 //! ffmpeg never opens a URL, and `format_whitelist` limits demuxing to MPEG-TS and MP4/fMP4.
 //! It decodes no more than sampling needs: whole GOPs that hold no sample target are never
-//! sent to the decoder, a GOP stops being fed once its remaining frames are not wanted,
-//! non-reference frames are skipped when the sampling interval is several frames long, and
-//! only keyframes are decoded when the interval is at least the keyframe interval.
+//! sent to the decoder, a GOP stops being fed once its remaining frames are not wanted (for a
+//! segment's last GOP: once the next target lies past its latest frame), non-reference frames
+//! are skipped when the sampling interval is several frames long, and only keyframes are
+//! decoded when the interval is at least the keyframe interval. One [`SegmentDecoder`] per job
+//! keeps the opened decoder and colour converter from segment to segment.
 
 use std::io::Cursor;
 use std::sync::Once;
@@ -72,88 +74,240 @@ pub enum DecodeError {
     FrameTooLarge { width: u32, height: u32, max: u64 },
 }
 
-/// Decodes `bytes` (for fMP4, the init section followed by the segment) and returns the frames
-/// `sampler` keeps, with `pts_ms` on the job's media timeline.
-pub fn decode_segment(
-    bytes: Vec<u8>,
-    duration_ms: f64,
-    discontinuity: bool,
-    state: &mut DecodeState,
-    sampler: &mut Sampler,
+/// Decodes a job's segments one after another. The open decoder, its frame pools and the
+/// colour converter are reused from segment to segment while the stream's codec parameters stay
+/// the same (opening an H.264 decoder and faulting in its buffers again for every segment cost
+/// about a tenth of the decode time); nothing here needs saving: a resumed job opens a new one.
+pub struct SegmentDecoder {
+    limits: DecodeLimits,
+    open: Option<OpenDecoder>,
+    sink: Sink,
+}
+
+struct OpenDecoder {
+    decoder: ffmpeg::decoder::Video,
+    params: StreamParams,
+}
+
+/// What must match for an open decoder to go on with the next segment.
+#[derive(Debug, PartialEq)]
+struct StreamParams {
+    codec: codec::Id,
+    width: i32,
+    height: i32,
+    extradata: Vec<u8>,
+}
+
+impl StreamParams {
+    fn of(parameters: &codec::Parameters) -> Self {
+        // SAFETY: reads plain fields of the AVCodecParameters the stream owns; extradata is
+        // `extradata_size` bytes when not null.
+        unsafe {
+            let p = &*parameters.as_ptr();
+            let extradata = if p.extradata.is_null() || p.extradata_size <= 0 {
+                Vec::new()
+            } else {
+                std::slice::from_raw_parts(p.extradata, p.extradata_size as usize).to_vec()
+            };
+            Self {
+                codec: parameters.id(),
+                width: p.width,
+                height: p.height,
+                extradata,
+            }
+        }
+    }
+}
+
+impl SegmentDecoder {
+    pub fn new(limits: DecodeLimits) -> Self {
+        init();
+        Self {
+            sink: Sink::new(limits.max_frame_pixels),
+            limits,
+            open: None,
+        }
+    }
+
+    /// Decodes `bytes` (for fMP4, the init section followed by the segment) and returns the
+    /// frames `sampler` keeps, with `pts_ms` on the job's media timeline.
+    pub fn decode(
+        &mut self,
+        bytes: Vec<u8>,
+        duration_ms: f64,
+        discontinuity: bool,
+        state: &mut DecodeState,
+        sampler: &mut Sampler,
+    ) -> Result<SegmentOutcome, DecodeError> {
+        let result = self.run(bytes, duration_ms, discontinuity, state, sampler);
+        match &result {
+            // A clean end leaves the decoder drained; make it ready for the next segment.
+            Ok(out) if !out.timed_out => {
+                if let Some(open) = self.open.as_mut() {
+                    open.decoder.flush();
+                }
+            }
+            _ => self.open = None,
+        }
+        result
+    }
+
+    fn run(
+        &mut self,
+        bytes: Vec<u8>,
+        duration_ms: f64,
+        discontinuity: bool,
+        state: &mut DecodeState,
+        sampler: &mut Sampler,
+    ) -> Result<SegmentOutcome, DecodeError> {
+        let limits = &self.limits;
+        let deadline = Instant::now() + limits.deadline;
+        let io = format::context::StreamIo::from_read_seek(Cursor::new(bytes))
+            .map_err(|e| DecodeError::Unreadable(e.to_string()))?;
+        let mut options = Dictionary::new();
+        options.set("format_whitelist", DEMUXERS);
+        let mut input =
+            format::input_from_stream_with_interrupt(io, None, Some(options), move || {
+                Instant::now() > deadline
+            })
+            .map_err(|e| DecodeError::Unreadable(e.to_string()))?;
+        let stream = input
+            .streams()
+            .best(media::Type::Video)
+            .ok_or(DecodeError::NoVideo)?;
+        let index = stream.index();
+        let tb = stream.time_base();
+        let tick_ms = f64::from(tb.numerator()) * 1000.0 / f64::from(tb.denominator().max(1));
+        let parameters = stream.parameters();
+
+        let mut out = SegmentOutcome::default();
+        let mut packets = Vec::new();
+        loop {
+            let mut packet = Packet::empty();
+            match packet.read(&mut input) {
+                Ok(()) if packet.stream() == index => packets.push(packet),
+                Ok(()) => {}
+                Err(ffmpeg::Error::Eof) => break,
+                Err(ffmpeg::Error::InvalidData) => out.corrupt += 1,
+                Err(ffmpeg::Error::Exit) => {
+                    out.timed_out = true;
+                    break;
+                }
+                Err(_) => {
+                    out.corrupt += 1;
+                    break;
+                }
+            }
+        }
+        let raw_ms = |p: &Packet| p.pts().or(p.dts()).map(|t| t as f64 * tick_ms);
+        let Some(raw_start) = packets.iter().filter_map(raw_ms).reduce(f64::min) else {
+            return Err(DecodeError::Unreadable("no video packets".into()));
+        };
+        let tolerance = duration_ms.max(1000.0);
+        state
+            .timeline
+            .begin_segment(raw_start, duration_ms, discontinuity, tolerance);
+        let timeline = state.timeline.clone();
+        let media_ms = |p: &Packet| raw_ms(p).map(|t| timeline.media_ms(t));
+
+        // GOPs in decode order, each starting at a keyframe (the first may start without one).
+        let mut starts: Vec<usize> = vec![0];
+        starts.extend(
+            packets
+                .iter()
+                .enumerate()
+                .skip(1)
+                .filter(|(_, p)| p.is_key())
+                .map(|(i, _)| i),
+        );
+        for p in packets.iter().filter(|p| p.is_key()) {
+            if let Some(t) = media_ms(p) {
+                if let Some(last) = state.last_keyframe_ms.filter(|l| t > *l) {
+                    state.keyframe_gap_ms =
+                        Some(state.keyframe_gap_ms.unwrap_or(0.0).max(t - last));
+                }
+                state.last_keyframe_ms = Some(t);
+            }
+        }
+        let frame_ms = typical_frame_ms(&packets, tick_ms);
+        let keyframes_only = state
+            .keyframe_gap_ms
+            .is_some_and(|gap| sampler.interval_ms() >= gap);
+
+        let params = StreamParams::of(&parameters);
+        if discontinuity || self.open.as_ref().is_some_and(|o| o.params != params) {
+            self.open = None;
+        }
+        let open = match self.open.take() {
+            Some(open) => open,
+            None => OpenDecoder {
+                decoder: open_decoder(parameters, limits)?,
+                params,
+            },
+        };
+        let decoder = &mut self.open.insert(open).decoder;
+        decoder.skip_frame(if keyframes_only {
+            Discard::NonKey
+        } else if frame_ms.is_some_and(|f| sampler.interval_ms() >= 3.0 * f) {
+            Discard::NonReference
+        } else {
+            Discard::Default
+        });
+
+        let sink = &mut self.sink;
+        'gops: for (g, &start) in starts.iter().enumerate() {
+            let end = starts.get(g + 1).copied().unwrap_or(packets.len());
+            // Where this GOP's usefulness ends: the next keyframe, or for the segment's last
+            // GOP just after its latest frame (the next keyframe is in the next segment).
+            let next_key_ms = match starts.get(g + 1) {
+                Some(&i) => media_ms(&packets[i]),
+                None => packets[start..end]
+                    .iter()
+                    .filter_map(media_ms)
+                    .reduce(f64::max)
+                    .map(|last| last + 1.0),
+            };
+            let gop = if keyframes_only {
+                // Only the keyframe is decoded: worth it if it reaches the next target.
+                let key_ms = media_ms(&packets[start]);
+                if !key_ms.is_some_and(|t| sampler.wants(t)) {
+                    continue;
+                }
+                start..start + 1
+            } else {
+                start..end
+            };
+            if past_next_key(sampler, next_key_ms) {
+                continue;
+            }
+            for packet in &packets[gop] {
+                if Instant::now() > deadline {
+                    out.timed_out = true;
+                    break 'gops;
+                }
+                if decoder.send_packet(packet).is_err() {
+                    out.corrupt += 1;
+                    continue;
+                }
+                sink.drain(decoder, &timeline, tick_ms, sampler, &mut out)?;
+                if past_next_key(sampler, next_key_ms) {
+                    break;
+                }
+            }
+        }
+        if !out.timed_out && decoder.send_eof().is_ok() {
+            sink.drain(decoder, &timeline, tick_ms, sampler, &mut out)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Opens a single-threaded video decoder for a stream (one thread per stream: streams run in
+/// parallel, and frame threading only adds CPU).
+fn open_decoder(
+    parameters: codec::Parameters,
     limits: &DecodeLimits,
-) -> Result<SegmentOutcome, DecodeError> {
-    init();
-    let deadline = Instant::now() + limits.deadline;
-    let io = format::context::StreamIo::from_read_seek(Cursor::new(bytes))
-        .map_err(|e| DecodeError::Unreadable(e.to_string()))?;
-    let mut options = Dictionary::new();
-    options.set("format_whitelist", DEMUXERS);
-    let mut input = format::input_from_stream_with_interrupt(io, None, Some(options), move || {
-        Instant::now() > deadline
-    })
-    .map_err(|e| DecodeError::Unreadable(e.to_string()))?;
-    let stream = input
-        .streams()
-        .best(media::Type::Video)
-        .ok_or(DecodeError::NoVideo)?;
-    let index = stream.index();
-    let tb = stream.time_base();
-    let tick_ms = f64::from(tb.numerator()) * 1000.0 / f64::from(tb.denominator().max(1));
-    let parameters = stream.parameters();
-
-    let mut out = SegmentOutcome::default();
-    let mut packets = Vec::new();
-    loop {
-        let mut packet = Packet::empty();
-        match packet.read(&mut input) {
-            Ok(()) if packet.stream() == index => packets.push(packet),
-            Ok(()) => {}
-            Err(ffmpeg::Error::Eof) => break,
-            Err(ffmpeg::Error::InvalidData) => out.corrupt += 1,
-            Err(ffmpeg::Error::Exit) => {
-                out.timed_out = true;
-                break;
-            }
-            Err(_) => {
-                out.corrupt += 1;
-                break;
-            }
-        }
-    }
-    let raw_ms = |p: &Packet| p.pts().or(p.dts()).map(|t| t as f64 * tick_ms);
-    let Some(raw_start) = packets.iter().filter_map(raw_ms).reduce(f64::min) else {
-        return Err(DecodeError::Unreadable("no video packets".into()));
-    };
-    let tolerance = duration_ms.max(1000.0);
-    state
-        .timeline
-        .begin_segment(raw_start, duration_ms, discontinuity, tolerance);
-    let timeline = state.timeline.clone();
-    let media_ms = |p: &Packet| raw_ms(p).map(|t| timeline.media_ms(t));
-
-    // GOPs in decode order, each starting at a keyframe (the first may start without one).
-    let mut starts: Vec<usize> = vec![0];
-    starts.extend(
-        packets
-            .iter()
-            .enumerate()
-            .skip(1)
-            .filter(|(_, p)| p.is_key())
-            .map(|(i, _)| i),
-    );
-    for p in packets.iter().filter(|p| p.is_key()) {
-        if let Some(t) = media_ms(p) {
-            if let Some(last) = state.last_keyframe_ms.filter(|l| t > *l) {
-                state.keyframe_gap_ms = Some(state.keyframe_gap_ms.unwrap_or(0.0).max(t - last));
-            }
-            state.last_keyframe_ms = Some(t);
-        }
-    }
-    let frame_ms = typical_frame_ms(&packets, tick_ms);
-    let keyframes_only = state
-        .keyframe_gap_ms
-        .is_some_and(|gap| sampler.interval_ms() >= gap);
-
+) -> Result<ffmpeg::decoder::Video, DecodeError> {
     let mut ctx = codec::context::Context::from_parameters(parameters)
         .map_err(|e| DecodeError::Unreadable(e.to_string()))?;
     ctx.set_threading(codec::threading::Config::count(1));
@@ -166,56 +320,7 @@ pub fn decode_segment(
         // SAFETY: a plain field of the codec context we own, set before the first packet.
         unsafe { (*decoder.as_mut_ptr()).skip_loop_filter = ffmpeg::ffi::AVDiscard::AVDISCARD_ALL };
     }
-    decoder.skip_frame(if keyframes_only {
-        Discard::NonKey
-    } else if frame_ms.is_some_and(|f| sampler.interval_ms() >= 3.0 * f) {
-        Discard::NonReference
-    } else {
-        Discard::Default
-    });
-
-    let mut sink = Sink {
-        timeline: &timeline,
-        tick_ms,
-        scaler: None,
-        max_pixels: limits.max_frame_pixels,
-        decoded: frame::Video::empty(),
-    };
-    'gops: for (g, &start) in starts.iter().enumerate() {
-        let end = starts.get(g + 1).copied().unwrap_or(packets.len());
-        let next_key_ms = starts.get(g + 1).and_then(|&i| media_ms(&packets[i]));
-        let gop = if keyframes_only {
-            // Only the keyframe is decoded: worth it if it reaches the next target.
-            let key_ms = media_ms(&packets[start]);
-            if !key_ms.is_some_and(|t| sampler.wants(t)) {
-                continue;
-            }
-            start..start + 1
-        } else {
-            start..end
-        };
-        if past_next_key(sampler, next_key_ms) {
-            continue;
-        }
-        for packet in &packets[gop] {
-            if Instant::now() > deadline {
-                out.timed_out = true;
-                break 'gops;
-            }
-            if decoder.send_packet(packet).is_err() {
-                out.corrupt += 1;
-                continue;
-            }
-            sink.drain(&mut decoder, sampler, &mut out)?;
-            if past_next_key(sampler, next_key_ms) {
-                break;
-            }
-        }
-    }
-    if !out.timed_out && decoder.send_eof().is_ok() {
-        sink.drain(&mut decoder, sampler, &mut out)?;
-    }
-    Ok(out)
+    Ok(decoder)
 }
 
 /// The next target is at or after the next keyframe: nothing more of this GOP is wanted.
@@ -244,18 +349,36 @@ fn check_size(width: u32, height: u32, max: u64) -> Result<(), DecodeError> {
 }
 
 /// Receives decoded frames, offers them to the sampler and converts the kept ones to RGB.
-struct Sink<'a> {
-    timeline: &'a Timeline,
-    tick_ms: f64,
-    scaler: Option<(scaling::Context, Pixel, u32, u32)>,
+/// The converter and its output picture are kept from frame to frame.
+struct Sink {
+    scaler: Option<(Scaler, Pixel, u32, u32)>,
     max_pixels: u64,
     decoded: frame::Video,
+    rgb: frame::Video,
 }
 
-impl Sink<'_> {
+/// An swscale context; it is used by one thread at a time (the one decoding the segment).
+struct Scaler(scaling::Context);
+
+// SAFETY: an SwsContext holds no thread-local state; the owning SegmentDecoder moves between
+// blocking threads but is never shared.
+unsafe impl Send for Scaler {}
+
+impl Sink {
+    fn new(max_pixels: u64) -> Self {
+        Self {
+            scaler: None,
+            max_pixels,
+            decoded: frame::Video::empty(),
+            rgb: frame::Video::empty(),
+        }
+    }
+
     fn drain(
         &mut self,
         decoder: &mut ffmpeg::decoder::Video,
+        timeline: &Timeline,
+        tick_ms: f64,
         sampler: &mut Sampler,
         out: &mut SegmentOutcome,
     ) -> Result<(), DecodeError> {
@@ -275,7 +398,7 @@ impl Sink<'_> {
             let Some(raw) = self.decoded.timestamp().or(self.decoded.pts()) else {
                 continue;
             };
-            let t = self.timeline.media_ms(raw as f64 * self.tick_ms);
+            let t = timeline.media_ms(raw as f64 * tick_ms);
             if sampler.offer(t) {
                 let frame = self.convert(t)?;
                 out.frames.push(frame);
@@ -303,17 +426,18 @@ impl Sink<'_> {
                 scaling::Flags::FAST_BILINEAR,
             )
             .map_err(|e| DecodeError::Unreadable(format!("no conversion from {format:?}: {e}")))?;
-            self.scaler = Some((ctx, format, w, h));
+            self.scaler = Some((Scaler(ctx), format, w, h));
+            self.rgb = frame::Video::empty();
         }
-        let mut rgb = frame::Video::empty();
         if let Some((scaler, ..)) = self.scaler.as_mut() {
             scaler
-                .run(&self.decoded, &mut rgb)
+                .0
+                .run(&self.decoded, &mut self.rgb)
                 .map_err(|e| DecodeError::Unreadable(e.to_string()))?;
         }
-        let stride = rgb.stride(0);
+        let stride = self.rgb.stride(0);
         let row = w as usize * 3;
-        let data = rgb.data(0);
+        let data = self.rgb.data(0);
         let mut packed = Vec::with_capacity(row * h as usize);
         for y in 0..h as usize {
             packed.extend_from_slice(&data[y * stride..y * stride + row]);

@@ -6,7 +6,8 @@ use serde_json::{json, Value};
 
 use crate::db_tests;
 use crate::fixtures::{
-    assert_right_frames, live_origin, make_hls, pts_of, Container, ModelServer, Origin, Route,
+    assert_right_frames, brightness_to_ms, live_origin, make_hls, pts_of, segments_of, Container,
+    ModelServer, Origin, Route,
 };
 use crate::helpers::{pairs, Db, TestApp};
 
@@ -105,6 +106,63 @@ async fn fmp4_from_a_master_playlist(db: Db) {
     assert!(
         !requested.iter().any(|p| p.starts_with("/big/")),
         "{requested:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discontinuity_to_another_resolution_continues_the_timeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut playlist = String::from(
+        "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:0\n#EXT-X-PLAYLIST-TYPE:VOD\n",
+    );
+    for (name, width, height) in [("a", 160, 90), ("b", 320, 180)] {
+        let rendition = make_hls(dir.path(), name, 3.0, width, height, Container::Ts, 1.0);
+        if name == "b" {
+            playlist.push_str("#EXT-X-DISCONTINUITY\n");
+        }
+        for (duration, uri) in segments_of(&rendition.join("index.m3u8")).1 {
+            playlist.push_str(&format!("#EXTINF:{duration},\n{name}/{uri}\n"));
+        }
+    }
+    playlist.push_str("#EXT-X-ENDLIST\n");
+    std::fs::write(dir.path().join("joined.m3u8"), playlist).unwrap();
+    let origin = Origin::start(dir.path()).await;
+    let model = ModelServer::start().await;
+    let app = spawn(Db::Sqlite, &model, &[]).await;
+
+    let id = app
+        .start_job(json!({"stream_ref": origin.url("joined.m3u8"), "fps": 2}))
+        .await;
+    let status = app.wait_status(&id, &["completed", "failed"], LONG).await;
+    assert_eq!(status["status"], "completed", "{status}");
+    assert_eq!(status["stats"]["segments_failed"], 0, "{status}");
+    let results = app.all_results(&id).await;
+    assert_eq!(
+        pts_of(&results),
+        (0..12).map(|i| i * 500).collect::<Vec<_>>(),
+        "media time runs on across the discontinuity"
+    );
+    for r in &results {
+        let answer: Value = serde_json::from_str(r["output"].as_str().unwrap()).unwrap();
+        let seen_ms = brightness_to_ms(answer["brightness"].as_f64().unwrap());
+        let pts = r["pts_ms"].as_f64().unwrap();
+        // The second rendition's own clock (and brightness) starts again at 0.
+        let own_ms = if pts < 3000.0 { pts } else { pts - 3000.0 };
+        assert!(
+            (seen_ms - own_ms).abs() <= 80.0,
+            "result at {pts} ms shows the frame of {seen_ms:.0} ms of its rendition"
+        );
+    }
+    let sizes: Vec<(u32, u32)> = model.asked().iter().map(|a| (a.width, a.height)).collect();
+    assert_eq!(
+        sizes.iter().filter(|s| **s == (160, 90)).count(),
+        6,
+        "{sizes:?}"
+    );
+    assert_eq!(
+        sizes.iter().filter(|s| **s == (320, 180)).count(),
+        6,
+        "{sizes:?}"
     );
 }
 
