@@ -97,6 +97,8 @@ pub struct ResultView {
     /// The model's answer; null when `error` is set.
     pub output: Option<String>,
     pub error: Option<String>,
+    /// Frames in the model call that answered; 0 when the frame was refused before reaching
+    /// the model (an undecodable Redis entry: `error` says which entry and why).
     pub batch_size: i64,
     pub created_at: f64,
     /// Milliseconds spent per phase: queue, preprocess, inference, total.

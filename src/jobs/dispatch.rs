@@ -25,7 +25,7 @@ pub struct Work {
 }
 
 /// Time spent per phase, in milliseconds.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Latency {
     pub queue: f64,
     pub preprocess: f64,
@@ -42,6 +42,20 @@ pub struct Done {
     pub model: String,
     pub batch_size: usize,
     pub latency: Latency,
+}
+
+impl Done {
+    /// The result of a frame refused before the model saw it (batch size 0, no prompt used).
+    pub fn refused(why: String) -> Self {
+        Self {
+            output: Err(why),
+            prompt_scope: String::new(),
+            prompt_version: 0,
+            model: String::new(),
+            batch_size: 0,
+            latency: Latency::default(),
+        }
+    }
 }
 
 /// The batchers of all models, each with its dispatch loop.

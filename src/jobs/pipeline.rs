@@ -20,7 +20,7 @@ use url::Url;
 use super::dispatch::{Done, Work};
 use crate::batch::{Batcher, LaneHandle, WhenFull};
 use crate::config::Settings;
-use crate::domain::{JobId, Source};
+use crate::domain::{JobId, JobStatus, Source};
 use crate::ingest::hls::fetch::Fetcher;
 use crate::ingest::hls::{HlsEvent, HlsLimits, HlsSource};
 use crate::ingest::redis::{Acker, RedisSource, RedisSourceConfig};
@@ -111,6 +111,14 @@ impl Pipeline {
         let (ended, ()) = tokio::join!(source_ended, writer.run(pending_rx));
         writer_final_save(&self.store, &self.job_id, &self.stats).await;
         if self.cancel.is_cancelled() {
+            // Cancelled by its user the job is over: its consumer group goes too. Stopped by a
+            // shutdown it resumes later and needs the group's pending entries.
+            if let Some(acker) = &writer.acker {
+                let cancelled = self.store.get_job(self.job_id.as_str()).await;
+                if matches!(cancelled, Ok(Some(ref j)) if j.status == JobStatus::Cancelled) {
+                    acker.destroy_group().await;
+                }
+            }
             return Outcome::Stopped;
         }
         ended
@@ -311,9 +319,18 @@ impl Pipeline {
                     }
                 }
                 Ok(Err(why)) => {
+                    // The frame took its sampling slot: its result is this error, stored in
+                    // order like any other, and the entry is acknowledged after it.
                     Stats::add(&self.stats.entries_invalid, 1);
-                    tracing::warn!(job_id = %self.job_id, id = %entry.id, %why, "entry frame not usable; skipped");
-                    if pending.send(Pending::Ack(entry.id)).await.is_err() {
+                    tracing::warn!(job_id = %self.job_id, id = %entry.id, %why, "entry frame not usable");
+                    let (tx, rx) = oneshot::channel();
+                    let _ = tx.send(Done::refused(format!("entry {}: {why}", entry.id)));
+                    let refused = Pending::Frame {
+                        pts_ms: ts,
+                        reply: rx,
+                        ack: Some(entry.id),
+                    };
+                    if pending.send(refused).await.is_err() {
                         break;
                     }
                 }

@@ -68,7 +68,7 @@ async fn entries_are_sampled_by_time_and_acked_after_storing() {
             json!({"stream_ref": format!("{SHARED}/0/{key}"), "fps": 2, "from_beginning": true}),
         )
         .await;
-    let status = app.wait_for(&id, LONG, |s| s["results_count"] == 5).await;
+    let status = app.wait_for(&id, LONG, |s| s["results_count"] == 6).await;
     assert_eq!(
         status["status"], "running",
         "a Redis job runs until cancelled"
@@ -76,9 +76,21 @@ async fn entries_are_sampled_by_time_and_acked_after_storing() {
     assert_eq!(status["source_type"], "redis");
     let results = app.all_results(&id).await;
     let pts = pts_of(&results);
-    assert_eq!(pts, vec![0, 500, 1000, 1500, 3000]);
-    assert_right_frames(&results, 60.0);
-    // The entry without a frame is skipped; the undecodable one took its sampling slot.
+    assert_eq!(pts, vec![0, 500, 1000, 1500, 2500, 3000]);
+    // The entry without a frame is skipped; the undecodable one took its sampling slot and
+    // its result is an error saying why.
+    let refused = &results[4];
+    assert!(refused["output"].is_null(), "{refused}");
+    let why = refused["error"].as_str().unwrap_or_default();
+    assert!(why.contains("not a JPEG, PNG or WebP"), "{refused}");
+    assert_eq!(refused["batch_size"], 0, "never sent to the model");
+    let answered: Vec<_> = results
+        .iter()
+        .filter(|r| r["error"].is_null())
+        .cloned()
+        .collect();
+    assert_eq!(answered.len(), 5);
+    assert_right_frames(&answered, 60.0);
     let stats = app
         .wait_for(&id, LONG, |s| s["stats"]["entries_invalid"] == 2)
         .await["stats"]
@@ -100,13 +112,26 @@ async fn entries_are_sampled_by_time_and_acked_after_storing() {
 
     // New entries keep flowing; cancel stops the job.
     add_frame(&mut c, &key, 3500).await;
-    app.wait_for(&id, LONG, |s| s["results_count"] == 6).await;
+    app.wait_for(&id, LONG, |s| s["results_count"] == 7).await;
     assert_eq!(
         app.delete(&format!("/api/v1/inference/cancel/{id}"))
             .await
             .status,
         reqwest::StatusCode::OK
     );
+    // A cancelled job's consumer group is removed; the stream itself is the user's.
+    let mut groups = usize::MAX;
+    for _ in 0..50 {
+        let info: redis::streams::StreamInfoGroupsReply = c.xinfo_groups(&key).await.unwrap();
+        groups = info.groups.len();
+        if groups == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(groups, 0, "the job's consumer group is gone after cancel");
+    let len: usize = c.xlen(&key).await.unwrap();
+    assert_eq!(len, 24, "the stream's entries stay");
     let _: () = c.del(&key).await.unwrap();
 }
 
