@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::media::decode::{DecodeLimits, DecodeState, SegmentDecoder};
+use crate::media::decode::{DecodeLimits, DecodeState, SegmentBytes, SegmentDecoder};
 use crate::media::sampler::Sampler;
 
 const SECONDS: u32 = 60;
@@ -101,7 +101,12 @@ fn ingest(segments: Vec<(Vec<u8>, f64)>, fast: bool) -> anyhow::Result<Ingested>
     });
     let mut done = Ingested::default();
     for (bytes, duration_ms) in segments {
-        let out = decoder.decode(bytes, duration_ms, false, &mut state, &mut sampler)?;
+        let segment = SegmentBytes {
+            bytes,
+            duration_ms,
+            discontinuity: false,
+        };
+        let out = decoder.decode(segment, &mut state, &mut sampler)?;
         done.kept += out.frames.len();
         done.decoded += out.frames_decoded;
     }

@@ -24,7 +24,7 @@ use crate::domain::{JobId, JobStatus, Source};
 use crate::ingest::hls::fetch::Fetcher;
 use crate::ingest::hls::{HlsEvent, HlsLimits, HlsSource};
 use crate::ingest::redis::{Acker, RedisSource, RedisSourceConfig};
-use crate::media::decode::{DecodeError, DecodeLimits, DecodeState, SegmentDecoder};
+use crate::media::decode::{DecodeError, DecodeLimits, DecodeState, SegmentBytes, SegmentDecoder};
 use crate::media::sampler::Sampler;
 use crate::media::Frame;
 use crate::retry::Backoff;
@@ -186,13 +186,12 @@ impl Pipeline {
                     let span = tracing::Span::current();
                     let joined = tokio::task::spawn_blocking(move || {
                         let _g = span.enter();
-                        let r = dec.decode(
-                            seg.bytes,
-                            seg.duration_ms,
-                            seg.discontinuity,
-                            &mut st,
-                            &mut sm,
-                        );
+                        let segment = SegmentBytes {
+                            bytes: seg.bytes,
+                            duration_ms: seg.duration_ms,
+                            discontinuity: seg.discontinuity,
+                        };
+                        let r = dec.decode(segment, &mut st, &mut sm);
                         (r, st, sm, dec)
                     })
                     .await;

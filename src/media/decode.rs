@@ -53,6 +53,17 @@ pub struct DecodeState {
     last_keyframe_ms: Option<f64>,
 }
 
+/// One fetched segment as the decoder takes it.
+#[derive(Debug)]
+pub struct SegmentBytes {
+    /// For fMP4, the init section followed by the segment.
+    pub bytes: Vec<u8>,
+    /// Its playlist duration.
+    pub duration_ms: f64,
+    /// The playlist marks a discontinuity before it.
+    pub discontinuity: bool,
+}
+
 /// What a segment gave.
 #[derive(Debug, Default)]
 pub struct SegmentOutcome {
@@ -129,17 +140,15 @@ impl SegmentDecoder {
         }
     }
 
-    /// Decodes `bytes` (for fMP4, the init section followed by the segment) and returns the
-    /// frames `sampler` keeps, with `pts_ms` on the job's media timeline.
+    /// Decodes one segment and returns the frames `sampler` keeps, with `pts_ms` on the job's
+    /// media timeline.
     pub fn decode(
         &mut self,
-        bytes: Vec<u8>,
-        duration_ms: f64,
-        discontinuity: bool,
+        segment: SegmentBytes,
         state: &mut DecodeState,
         sampler: &mut Sampler,
     ) -> Result<SegmentOutcome, DecodeError> {
-        let result = self.run(bytes, duration_ms, discontinuity, state, sampler);
+        let result = self.run(segment, state, sampler);
         match &result {
             // A clean end leaves the decoder drained; make it ready for the next segment.
             Ok(out) if !out.timed_out => {
@@ -154,12 +163,15 @@ impl SegmentDecoder {
 
     fn run(
         &mut self,
-        bytes: Vec<u8>,
-        duration_ms: f64,
-        discontinuity: bool,
+        segment: SegmentBytes,
         state: &mut DecodeState,
         sampler: &mut Sampler,
     ) -> Result<SegmentOutcome, DecodeError> {
+        let SegmentBytes {
+            bytes,
+            duration_ms,
+            discontinuity,
+        } = segment;
         let limits = &self.limits;
         let deadline = Instant::now() + limits.deadline;
         let io = format::context::StreamIo::from_read_seek(Cursor::new(bytes))
