@@ -128,6 +128,13 @@ impl StreamParams {
             }
         }
     }
+
+    /// Whether a decoder opened for `self` can go on with a segment whose container says
+    /// `next`. MPEG-TS says nothing before its packets are read (no size, no extradata): the
+    /// parameter sets come in-band, and the open decoder handles a change among them itself.
+    fn continues(&self, next: &StreamParams) -> bool {
+        self.codec == next.codec && (self == next || (next.width == 0 && next.extradata.is_empty()))
+    }
 }
 
 impl SegmentDecoder {
@@ -149,14 +156,11 @@ impl SegmentDecoder {
         sampler: &mut Sampler,
     ) -> Result<SegmentOutcome, DecodeError> {
         let result = self.run(segment, state, sampler);
-        match &result {
-            // A clean end leaves the decoder drained; make it ready for the next segment.
-            Ok(out) if !out.timed_out => {
-                if let Some(open) = self.open.as_mut() {
-                    open.decoder.flush();
-                }
-            }
-            _ => self.open = None,
+        // Ready for the next segment, whatever became of this one. Flushing keeps the parameter
+        // sets the decoder has seen: streams that send them only at the start (open-GOP
+        // encodes whose keyframes are not IDR) still decode after a corrupt segment.
+        if let Some(open) = self.open.as_mut() {
+            open.decoder.flush();
         }
         result
     }
@@ -247,7 +251,12 @@ impl SegmentDecoder {
             .is_some_and(|gap| sampler.interval_ms() >= gap);
 
         let params = StreamParams::of(&parameters);
-        if discontinuity || self.open.as_ref().is_some_and(|o| o.params != params) {
+        if discontinuity
+            || self
+                .open
+                .as_ref()
+                .is_some_and(|o| !o.params.continues(&params))
+        {
             self.open = None;
         }
         let open = match self.open.take() {

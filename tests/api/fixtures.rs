@@ -54,6 +54,9 @@ pub fn pts_of(results: &[Value]) -> Vec<i64> {
 pub enum Container {
     Ts,
     Fmp4,
+    /// MPEG-TS from an open-GOP encode: keyframes are non-IDR I-frames with leading B-frames,
+    /// and the parameter sets (SPS/PPS) are only in the first segment.
+    TsOpenGop,
 }
 
 /// Makes an HLS VOD rendition under `dir/name/`: `index.m3u8` and its segments.
@@ -87,6 +90,11 @@ pub fn make_hls(
             "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", "-bf", "2",
         ])
         .args(["-g", "30", "-keyint_min", "30", "-sc_threshold", "0"])
+        .args(if container == Container::TsOpenGop {
+            &["-x264-params", "open-gop=1"][..]
+        } else {
+            &[]
+        })
         .args([
             "-force_key_frames",
             &format!("expr:gte(t,n_forced*{segment_s})"),
@@ -100,7 +108,7 @@ pub fn make_hls(
             "vod",
         ]);
     match container {
-        Container::Ts => {
+        Container::Ts | Container::TsOpenGop => {
             cmd.args(["-hls_segment_filename", "seg%d.ts"]);
         }
         Container::Fmp4 => {

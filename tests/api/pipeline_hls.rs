@@ -167,6 +167,29 @@ async fn a_discontinuity_to_another_resolution_continues_the_timeline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_gop_segments_without_their_own_parameter_sets_decode() {
+    let dir = tempfile::tempdir().unwrap();
+    make_hls(dir.path(), "open", 4.0, 160, 90, Container::TsOpenGop, 1.0);
+    let origin = Origin::start(dir.path()).await;
+    let model = ModelServer::start().await;
+    let app = spawn(Db::Sqlite, &model, &[]).await;
+
+    let id = app
+        .start_job(json!({"stream_ref": origin.url("open/index.m3u8"), "fps": 2}))
+        .await;
+    let status = app.wait_status(&id, &["completed", "failed"], LONG).await;
+    assert_eq!(status["status"], "completed", "{status}");
+    assert_eq!(status["stats"]["segments_failed"], 0, "{status}");
+    let results = app.all_results(&id).await;
+    assert_eq!(
+        pts_of(&results),
+        (0..8).map(|i| i * 500).collect::<Vec<_>>(),
+        "{status}"
+    );
+    assert_right_frames(&results, 80.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_playlist_grows_and_a_prompt_update_applies_mid_job() {
     let dir = tempfile::tempdir().unwrap();
     let origin = live_origin(dir.path(), 7.0, 2, Duration::from_millis(800), None, true).await;
