@@ -96,7 +96,11 @@ async fn tiny_paligemma_answers_an_hls_stream_after_warmup() {
     assert_eq!(results.len(), 4);
     for r in &results {
         assert!(r["error"].is_null(), "{r}");
-        assert!(r["output"].is_string());
+        // The tiny model's random weights never pick <eos>: answers run to MAX_NEW_TOKENS.
+        assert!(
+            !r["output"].as_str().unwrap().is_empty(),
+            "decoded tokens come back as text: {r}"
+        );
         assert_eq!(r["model"], "tiny-a");
         assert!(r["latency_ms"]["inference"].as_f64().unwrap() > 0.0);
     }

@@ -74,6 +74,32 @@ pub fn make_tiny_model(dir: &Path, image_size: usize, seed: u64) -> anyhow::Resu
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
     paligemma::Model::new(&cfg, vb)?;
+    answer_in_letters(&varmap, &vocab)?;
     varmap.save(dir.join("model.safetensors"))?;
+    Ok(())
+}
+
+/// Random weights rank `<eos>` or a whitespace byte first about as often as not, and an
+/// empty (or trimmed-away) answer leaves the decoding loop and the detokenizer untried. The
+/// output head is tied to the token embedding, so zeroing every row but the ASCII letters' and
+/// digits' gives all other tokens logit 0 while some letter's is positive: greedy answers run
+/// to MAX_NEW_TOKENS and come back as (meaningless) text.
+fn answer_in_letters(varmap: &VarMap, vocab: &HashMap<String, u32>) -> anyhow::Result<()> {
+    const EMBEDDING: &str = "language_model.model.embed_tokens.weight";
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("weights lock poisoned"))?;
+    let embedding = data
+        .get(EMBEDDING)
+        .ok_or_else(|| anyhow::anyhow!("the model has no {EMBEDDING}"))?;
+    let mut keep = vec![0f32; vocab.len()];
+    for (token, &id) in vocab {
+        if token.len() == 1 && token.chars().all(|c| c.is_ascii_alphanumeric()) {
+            keep[id as usize] = 1.0;
+        }
+    }
+    let keep = candle_core::Tensor::from_vec(keep, (vocab.len(), 1), embedding.device())?;
+    embedding.set(&embedding.as_tensor().broadcast_mul(&keep)?)?;
     Ok(())
 }
