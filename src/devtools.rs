@@ -274,7 +274,7 @@ pub async fn bench_model(dir: &Path) -> anyhow::Result<String> {
         pts_ms: 0,
     });
     let mut md = format!(
-        "Model: {} ({} max new tokens, greedy), CPU, {} cores.\n\n| batch size | frames/s | ms per batch | preprocess ms | inference ms |\n| --- | --- | --- | --- | --- |\n",
+        "Model: {} ({} max new tokens, greedy), CPU, {} cores.\n\n| batch size | frames/s | ms per batch | preprocess ms | inference ms | answer length (chars) |\n| --- | --- | --- | --- | --- | --- |\n",
         dir.display(),
         settings.max_new_tokens,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
@@ -282,7 +282,7 @@ pub async fn bench_model(dir: &Path) -> anyhow::Result<String> {
     for size in [1usize, 2, 4, 8] {
         let rounds = 5;
         let started = Instant::now();
-        let (mut pre, mut inf) = (0.0, 0.0);
+        let (mut pre, mut inf, mut chars) = (0.0, 0.0, 0);
         for _ in 0..rounds {
             let batch: Vec<InferRequest> = (0..size)
                 .map(|_| InferRequest {
@@ -296,10 +296,12 @@ pub async fn bench_model(dir: &Path) -> anyhow::Result<String> {
             }
             pre += out[0].preprocess_ms;
             inf += out[0].inference_ms;
+            // Shows how many decoding steps ran: the tiny model answers one letter per token.
+            chars = out[0].output.as_ref().map_or(0, |a| a.chars().count());
         }
         let secs = started.elapsed().as_secs_f64();
         md.push_str(&format!(
-            "| {size} | {:.1} | {:.0} | {:.1} | {:.1} |\n",
+            "| {size} | {:.1} | {:.0} | {:.1} | {:.1} | {chars} |\n",
             (size * rounds) as f64 / secs,
             secs * 1000.0 / rounds as f64,
             pre / rounds as f64,

@@ -1,5 +1,6 @@
 //! HLS jobs end to end: a real origin and model server on 127.0.0.1, media made by ffmpeg.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -18,6 +19,20 @@ async fn spawn(db: Db, model: &ModelServer, extra: &[(&'static str, &str)]) -> T
     let mut env = pairs(&owned);
     env.extend_from_slice(extra);
     TestApp::spawn_with(db, &env).await
+}
+
+/// Serves `dir`, runs a 2 fps job on `path` to its end, checks that it completed with every
+/// segment decoded, and returns its results.
+async fn completed_vod(dir: &Path, path: &str, model: &ModelServer) -> Vec<Value> {
+    let origin = Origin::start(dir).await;
+    let app = spawn(Db::Sqlite, model, &[]).await;
+    let id = app
+        .start_job(json!({"stream_ref": origin.url(path), "fps": 2}))
+        .await;
+    let status = app.wait_status(&id, &["completed", "failed"], LONG).await;
+    assert_eq!(status["status"], "completed", "{status}");
+    assert_eq!(status["stats"]["segments_failed"], 0, "{status}");
+    app.all_results(&id).await
 }
 
 db_tests!(vod_ts_end_to_end, fmp4_from_a_master_playlist);
@@ -126,17 +141,8 @@ async fn a_discontinuity_to_another_resolution_continues_the_timeline() {
     }
     playlist.push_str("#EXT-X-ENDLIST\n");
     std::fs::write(dir.path().join("joined.m3u8"), playlist).unwrap();
-    let origin = Origin::start(dir.path()).await;
     let model = ModelServer::start().await;
-    let app = spawn(Db::Sqlite, &model, &[]).await;
-
-    let id = app
-        .start_job(json!({"stream_ref": origin.url("joined.m3u8"), "fps": 2}))
-        .await;
-    let status = app.wait_status(&id, &["completed", "failed"], LONG).await;
-    assert_eq!(status["status"], "completed", "{status}");
-    assert_eq!(status["stats"]["segments_failed"], 0, "{status}");
-    let results = app.all_results(&id).await;
+    let results = completed_vod(dir.path(), "joined.m3u8", &model).await;
     assert_eq!(
         pts_of(&results),
         (0..12).map(|i| i * 500).collect::<Vec<_>>(),
@@ -170,21 +176,11 @@ async fn a_discontinuity_to_another_resolution_continues_the_timeline() {
 async fn open_gop_segments_without_their_own_parameter_sets_decode() {
     let dir = tempfile::tempdir().unwrap();
     make_hls(dir.path(), "open", 4.0, 160, 90, Container::TsOpenGop, 1.0);
-    let origin = Origin::start(dir.path()).await;
     let model = ModelServer::start().await;
-    let app = spawn(Db::Sqlite, &model, &[]).await;
-
-    let id = app
-        .start_job(json!({"stream_ref": origin.url("open/index.m3u8"), "fps": 2}))
-        .await;
-    let status = app.wait_status(&id, &["completed", "failed"], LONG).await;
-    assert_eq!(status["status"], "completed", "{status}");
-    assert_eq!(status["stats"]["segments_failed"], 0, "{status}");
-    let results = app.all_results(&id).await;
+    let results = completed_vod(dir.path(), "open/index.m3u8", &model).await;
     assert_eq!(
         pts_of(&results),
-        (0..8).map(|i| i * 500).collect::<Vec<_>>(),
-        "{status}"
+        (0..8).map(|i| i * 500).collect::<Vec<_>>()
     );
     assert_right_frames(&results, 80.0);
 }
