@@ -119,8 +119,8 @@ struct Ingested {
     decoded: u64,
 }
 
-/// Runs the ingest benchmark; `concurrency` adds the streams-at-once measurement.
-pub fn bench_ingest(dir: &Path, concurrency: bool) -> anyhow::Result<String> {
+/// Runs the ingest benchmark; `measure_concurrency` adds the streams-at-once measurement.
+pub fn bench_ingest(dir: &Path, measure_concurrency: bool) -> anyhow::Result<String> {
     std::fs::create_dir_all(dir)?;
     let files = make_stream(dir)?;
     let segments: Vec<(Vec<u8>, f64)> = files
@@ -169,7 +169,6 @@ pub fn bench_ingest(dir: &Path, concurrency: bool) -> anyhow::Result<String> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let measure_concurrency = concurrency;
     let mut concurrency = Vec::new();
     let mut n = 8;
     while measure_concurrency {
