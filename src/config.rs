@@ -50,6 +50,8 @@ variables! {
     "OPENAI_MAX_RETRIES" = "3" : "Retries of a request that timed out or got 429/5xx (Retry-After is honoured).";
     "OPENAI_MAX_TOKENS" = "256" : "max_tokens sent with each request.";
     "OPENAI_TEMPERATURE" = "0" : "temperature sent with each request (0 is greedy).";
+    "FRAME_MAX_SIDE" = "768" : "Frames sent to an OpenAI-compatible server are scaled down so neither side exceeds this many pixels (0 = as decoded).";
+    "JPEG_QUALITY" = "85" : "JPEG quality (1-100) of frames sent to an OpenAI-compatible server.";
     "DEFAULT_FPS" = "2.0" : "Frames sampled per second of media when a job gives no fps (0.1 to 60).";
     "MAX_BATCH_SIZE" = "8" : "Largest batch of frames sent to the model at once.";
     "MAX_BATCH_WAIT_MS" = "50" : "Longest a frame waits for its batch to fill before the batch is sent.";
@@ -140,6 +142,9 @@ pub struct OpenAiSettings {
     pub max_retries: u32,
     pub max_tokens: u32,
     pub temperature: f64,
+    /// Longest side of the frames sent; 0 sends them as decoded.
+    pub frame_max_side: u32,
+    pub jpeg_quality: u8,
 }
 
 /// How pipelines fetch, decode and queue.
@@ -472,6 +477,16 @@ impl Source {
                     "OPENAI_TEMPERATURE",
                     "a number from 0 to 2",
                     |v: &f64| (0.0..=2.0).contains(v),
+                )?,
+                frame_max_side: self.ranged(
+                    "FRAME_MAX_SIDE",
+                    "0 or pixels from 16 to 16384",
+                    |v: &u32| *v == 0 || (16..=16384).contains(v),
+                )?,
+                jpeg_quality: self.ranged(
+                    "JPEG_QUALITY",
+                    "a whole number from 1 to 100",
+                    |v: &u8| (1..=100).contains(v),
                 )?,
             },
             pipeline: PipelineSettings {

@@ -47,7 +47,23 @@ enum DevTool {
         /// Model directory (make one with make-tiny-model).
         dir: std::path::PathBuf,
     },
-    /// Measure the CPU time of HLS ingest against the ffmpeg CLI, and streams at once.
+    /// Measure the whole service (this release binary, end to end) against the ffmpeg CLI:
+    /// CPU per stream, live streams held, memory, latency, polling (Markdown out).
+    BenchService {
+        /// Where the benchmark stream is made (and reused), with the service's log and database.
+        #[arg(default_value = "target/bench-media")]
+        dir: std::path::PathBuf,
+        /// Live stream count tried first; the run goes up by 8 while they hold, down when not.
+        #[arg(long, default_value_t = 32)]
+        streams: usize,
+        /// Seconds each live run is measured for.
+        #[arg(long, default_value_t = 60)]
+        live_seconds: u64,
+        /// Only the VOD and polling figures (skips the minutes-long live runs).
+        #[arg(long)]
+        no_live: bool,
+    },
+    /// Measure the CPU time of HLS ingest alone (a part) against the ffmpeg CLI, and streams at once.
     BenchIngest {
         /// Where the benchmark stream is made (and reused).
         #[arg(default_value = "target/bench-media")]
@@ -89,6 +105,29 @@ async fn main() {
                 std::process::exit(1);
             }
             println!("tiny PaliGemma written to {}", dir.display());
+            return;
+        }
+        Some(Command::Dev {
+            tool:
+                DevTool::BenchService {
+                    dir,
+                    streams,
+                    live_seconds,
+                    no_live,
+                },
+        }) => {
+            let opts = free_roam::devtools::bench_service::Options {
+                start_streams: *streams,
+                live_seconds: *live_seconds,
+                no_live: *no_live,
+            };
+            match free_roam::devtools::bench_service::bench_service(dir, opts).await {
+                Ok(md) => print!("{md}"),
+                Err(e) => {
+                    eprintln!("bench-service: {e:#}");
+                    std::process::exit(1);
+                }
+            }
             return;
         }
         #[cfg(feature = "candle")]

@@ -96,3 +96,77 @@ impl Stats {
         }
     }
 }
+
+/// The latency of a job's newest results (at most [`LatencyWindow::CAPACITY`]), kept by its
+/// writer so that status reads p50/p95/p99 saved with the job instead of scanning results.
+#[derive(Debug, Default)]
+pub struct LatencyWindow {
+    phases: std::collections::VecDeque<[f64; 4]>,
+}
+
+impl LatencyWindow {
+    pub const CAPACITY: usize = 1000;
+    const PHASES: [&'static str; 4] = ["queue", "preprocess", "inference", "total"];
+
+    /// A window holding `latencies` (JSON objects with the phases in ms), oldest first.
+    pub fn from_json<'a>(latencies: impl IntoIterator<Item = &'a serde_json::Value>) -> Self {
+        let mut w = Self::default();
+        for l in latencies {
+            let v = Self::PHASES.map(|p| l[p].as_f64().unwrap_or(f64::NAN));
+            w.push(v);
+        }
+        w
+    }
+
+    /// Adds one result's [queue, preprocess, inference, total] in ms.
+    pub fn push(&mut self, phases: [f64; 4]) {
+        if self.phases.len() == Self::CAPACITY {
+            self.phases.pop_front();
+        }
+        self.phases.push_back(phases);
+    }
+
+    /// p50/p95/p99 per phase (nearest rank), as status shows them.
+    pub fn percentiles(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        for (i, phase) in Self::PHASES.iter().enumerate() {
+            let mut v: Vec<f64> = self
+                .phases
+                .iter()
+                .map(|p| p[i])
+                .filter(|x| x.is_finite())
+                .collect();
+            if v.is_empty() {
+                continue;
+            }
+            v.sort_by(f64::total_cmp);
+            let at = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+            out.insert(
+                (*phase).to_owned(),
+                serde_json::json!({"p50": at(0.50), "p95": at(0.95), "p99": at(0.99)}),
+            );
+        }
+        serde_json::Value::Object(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank_over_the_newest_results() {
+        let mut w = LatencyWindow::default();
+        for i in 1..=(LatencyWindow::CAPACITY + 100) {
+            let ms = i as f64;
+            w.push([ms, 0.0, ms * 2.0, ms * 3.0]);
+        }
+        let p = w.percentiles();
+        // The oldest 100 were pushed out: the window is 101..=1100.
+        assert_eq!(p["queue"]["p50"], 600.0);
+        assert_eq!(p["queue"]["p99"], 1090.0);
+        assert_eq!(p["inference"]["p95"], 2100.0);
+        assert_eq!(p["total"]["p50"], 1800.0);
+        assert!(LatencyWindow::default().percentiles().as_object().unwrap().is_empty());
+    }
+}

@@ -5,6 +5,7 @@
 //! numbering (`migrations/sqlite`, `migrations/postgres`). Everything a restart needs lives
 //! here, never only in memory: a job's status, counters, stats and resume progress.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
@@ -116,6 +117,8 @@ pub struct JobRecord {
     pub error: Option<String>,
     pub stats: Value,
     pub progress: Value,
+    /// p50/p95/p99 per latency phase over the newest results, as the pipeline last saved it.
+    pub latency: Value,
 }
 
 #[derive(Debug)]
@@ -174,10 +177,42 @@ macro_rules! select_jobs {
     ($rest:literal) => {
         concat!(
             "SELECT list_seq, job_id, status, stream_ref, source_type, fps, model, priority, from_beginning, ",
-            "created_at, started_at, completed_at, frames_processed, results_count, error, stats, progress FROM jobs ",
+            "created_at, started_at, completed_at, frames_processed, results_count, error, stats, progress, latency FROM jobs ",
             $rest
         )
     };
+}
+
+/// Stored results never change, so rows read once are served from memory: keyed by the
+/// job's `list_seq` and the result's `seq`, bounded by an estimate of their bytes.
+type ResultCache = quick_cache::sync::Cache<(i64, i64), Arc<ResultRecord>, ResultWeight>;
+
+/// Bytes of result rows kept in memory for polling.
+const RESULT_CACHE_BYTES: u64 = 32 << 20;
+
+#[derive(Clone)]
+struct ResultWeight;
+
+impl quick_cache::Weighter<(i64, i64), Arc<ResultRecord>> for ResultWeight {
+    fn weight(&self, _: &(i64, i64), r: &Arc<ResultRecord>) -> u64 {
+        let text = r.output.as_ref().map_or(0, String::len) + r.error.as_ref().map_or(0, String::len);
+        (256 + text + r.model.len() + r.prompt_scope.len()) as u64
+    }
+}
+
+/// A job as a results page needs it.
+#[derive(Debug, Clone)]
+pub struct JobBrief {
+    pub list_seq: i64,
+    pub status: JobStatus,
+    pub results_count: i64,
+}
+
+/// What a job's pipeline saves as it goes, besides its resume progress.
+pub struct Saved<'a> {
+    pub frames_processed: i64,
+    pub stats: &'a Value,
+    pub latency: &'a Value,
 }
 
 #[derive(Clone)]
@@ -186,7 +221,8 @@ pub struct Store {
     dialect: Dialect,
     /// Serialises job admission within one process; PostgreSQL also takes an advisory lock so
     /// replicas sharing a database agree on MAX_CONCURRENT_STREAMS.
-    admission: std::sync::Arc<tokio::sync::Mutex<()>>,
+    admission: Arc<tokio::sync::Mutex<()>>,
+    results_cache: Arc<ResultCache>,
 }
 
 impl Store {
@@ -215,6 +251,11 @@ impl Store {
             pool,
             dialect,
             admission: Default::default(),
+            results_cache: Arc::new(ResultCache::with_weighter(
+                100_000,
+                RESULT_CACHE_BYTES,
+                ResultWeight,
+            )),
         })
     }
 
@@ -448,36 +489,51 @@ impl Store {
     pub async fn save_progress(
         &self,
         job_id: &str,
-        frames_processed: i64,
-        stats: &Value,
+        saved: &Saved<'_>,
         progress: &Value,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE jobs SET frames_processed = $2, stats = $3, progress = $4 WHERE job_id = $1",
+            "UPDATE jobs SET frames_processed = $2, stats = $3, latency = $4, progress = $5 WHERE job_id = $1",
         )
         .bind(job_id)
-        .bind(frames_processed)
-        .bind(stats.to_string())
+        .bind(saved.frames_processed)
+        .bind(saved.stats.to_string())
+        .bind(saved.latency.to_string())
         .bind(progress.to_string())
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    /// Saves a job's counters only.
-    pub async fn save_stats(
-        &self,
-        job_id: &str,
-        frames_processed: i64,
-        stats: &Value,
-    ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE jobs SET frames_processed = $2, stats = $3 WHERE job_id = $1")
-            .bind(job_id)
-            .bind(frames_processed)
-            .bind(stats.to_string())
-            .execute(&self.pool)
-            .await?;
+    pub async fn save_stats(&self, job_id: &str, saved: &Saved<'_>) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE jobs SET frames_processed = $2, stats = $3, latency = $4 WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .bind(saved.frames_processed)
+        .bind(saved.stats.to_string())
+        .bind(saved.latency.to_string())
+        .execute(&self.pool)
+        .await?;
         Ok(())
+    }
+
+    /// A job's status and result count: all a results page needs of the job.
+    pub async fn job_brief(&self, job_id: &str) -> Result<Option<JobBrief>, StoreError> {
+        let row = sqlx::query("SELECT list_seq, status, results_count FROM jobs WHERE job_id = $1")
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let status: String = r.try_get(1)?;
+            Ok(JobBrief {
+                list_seq: r.try_get(0)?,
+                status: JobStatus::parse(&status)
+                    .ok_or_else(|| StoreError::Corrupt(format!("job status {status:?}")))?,
+                results_count: r.try_get(2)?,
+            })
+        })
+        .transpose()
     }
 
     // ---- prompts ----
@@ -565,13 +621,32 @@ impl Store {
         &self,
         job_id: &JobId,
     ) -> Result<Option<PromptVersion>, StoreError> {
-        if let Some(own) = self
-            .current_prompt(&PromptScope::Job(job_id.clone()))
-            .await?
-        {
-            return Ok(Some(own));
-        }
-        self.current_prompt(&PromptScope::Global).await
+        // One query: the job's newest version if it has any, else the global newest.
+        let own = PromptScope::Job(job_id.clone()).key();
+        let row = sqlx::query(
+            "SELECT p.scope_key, p.version, p.prompt, p.created_at, \
+             (SELECT MIN(created_at) FROM prompt_versions p2 WHERE p2.scope_key = p.scope_key) \
+             FROM prompt_versions p WHERE p.scope_key IN ($1, 'global') \
+             ORDER BY CASE WHEN p.scope_key = 'global' THEN 1 ELSE 0 END, p.version DESC LIMIT 1",
+        )
+        .bind(&own)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            let key: String = r.try_get(0)?;
+            Ok(PromptVersion {
+                scope: if key == own {
+                    PromptScope::Job(job_id.clone())
+                } else {
+                    PromptScope::Global
+                },
+                version: r.try_get(1)?,
+                prompt: r.try_get(2)?,
+                created_at: r.try_get(3)?,
+                scope_created_at: r.try_get(4)?,
+            })
+        })
+        .transpose()
     }
 
     /// Writes global version 1 from DEFAULT_PROMPT if the global scope is empty.
@@ -632,26 +707,40 @@ impl Store {
         Ok(seq)
     }
 
-    /// Results with `seq > after`, in seq order, at most `limit`; and the job's total.
+    /// Results of `job` with `seq > after`, in seq order, at most `limit`. Seqs below the
+    /// job's `results_count` are contiguous and immutable: a page within them is served from
+    /// memory when every row is there; a page past them is empty without a query.
     pub async fn results(
         &self,
         job_id: &str,
+        job: &JobBrief,
         after: Option<i64>,
         limit: i64,
-    ) -> Result<Vec<ResultRecord>, StoreError> {
+    ) -> Result<Vec<Arc<ResultRecord>>, StoreError> {
+        let first = after.map_or(0, |a| a + 1);
+        let end = first.saturating_add(limit).min(job.results_count);
+        if end <= first {
+            return Ok(Vec::new());
+        }
+        let cached: Option<Vec<Arc<ResultRecord>>> = (first..end)
+            .map(|seq| self.results_cache.get(&(job.list_seq, seq)))
+            .collect();
+        if let Some(page) = cached {
+            return Ok(page);
+        }
         let rows = sqlx::query(
             "SELECT seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at \
              FROM results WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
         .bind(job_id)
-        .bind(after.unwrap_or(-1))
+        .bind(first - 1)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
             .map(|r| {
                 let latency: String = r.try_get(8)?;
-                Ok(ResultRecord {
+                let record = Arc::new(ResultRecord {
                     seq: r.try_get(0)?,
                     pts_ms: r.try_get(1)?,
                     prompt_scope: r.try_get(2)?,
@@ -663,7 +752,10 @@ impl Store {
                     latency: serde_json::from_str(&latency)
                         .map_err(|e| StoreError::Corrupt(e.to_string()))?,
                     created_at: r.try_get(9)?,
-                })
+                });
+                self.results_cache
+                    .insert((job.list_seq, record.seq), record.clone());
+                Ok(record)
             })
             .collect()
     }
@@ -712,6 +804,7 @@ fn job_from_row(r: &AnyRow) -> Result<JobRecord, StoreError> {
     let priority: String = r.try_get("priority")?;
     let stats: String = r.try_get("stats")?;
     let progress: String = r.try_get("progress")?;
+    let latency: String = r.try_get("latency")?;
     Ok(JobRecord {
         list_seq: r.try_get("list_seq")?,
         job_id: r.try_get("job_id")?,
@@ -733,5 +826,6 @@ fn job_from_row(r: &AnyRow) -> Result<JobRecord, StoreError> {
         stats: serde_json::from_str(&stats).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         progress: serde_json::from_str(&progress)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        latency: serde_json::from_str(&latency).map_err(|e| StoreError::Corrupt(e.to_string()))?,
     })
 }

@@ -181,7 +181,6 @@ pub(super) async fn job_view(state: &AppState, job: JobRecord) -> Result<JobView
         Some(live) => serde_json::to_value(live).unwrap_or(job.stats),
         None => job.stats,
     };
-    let latencies = state.store.recent_latencies(&job.job_id, 1000).await?;
     let models_loaded: Vec<Value> = state
         .models
         .loaded()
@@ -189,7 +188,7 @@ pub(super) async fn job_view(state: &AppState, job: JobRecord) -> Result<JobView
         .map(|(name, bytes)| serde_json::json!({"name": name, "bytes": bytes}))
         .collect();
     Ok(JobView {
-        latency_ms: percentiles(&latencies),
+        latency_ms: job.latency,
         models_loaded: Value::Array(models_loaded),
         prompt: prompt.as_ref().map(|p| p.prompt.clone()),
         prompt_version: prompt.as_ref().map(|p| p.version),
@@ -220,36 +219,18 @@ pub(super) async fn job_view(state: &AppState, job: JobRecord) -> Result<JobView
     })
 }
 
-/// p50/p95/p99 per phase (nearest rank).
-fn percentiles(latencies: &[Value]) -> Value {
-    let mut out = serde_json::Map::new();
-    for phase in ["queue", "preprocess", "inference", "total"] {
-        let mut v: Vec<f64> = latencies.iter().filter_map(|l| l[phase].as_f64()).collect();
-        if v.is_empty() {
-            continue;
-        }
-        v.sort_by(f64::total_cmp);
-        let at = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
-        out.insert(
-            phase.to_owned(),
-            serde_json::json!({"p50": at(0.50), "p95": at(0.95), "p99": at(0.99)}),
-        );
-    }
-    Value::Object(out)
-}
-
-fn result_view(r: ResultRecord) -> ResultView {
+fn result_view(r: &ResultRecord) -> ResultView {
     ResultView {
         seq: r.seq,
         pts_ms: r.pts_ms,
         prompt_version: r.prompt_version,
-        prompt_scope: r.prompt_scope,
-        model: r.model,
-        output: r.output,
-        error: r.error,
+        prompt_scope: r.prompt_scope.clone(),
+        model: r.model.clone(),
+        output: r.output.clone(),
+        error: r.error.clone(),
         batch_size: r.batch_size,
         created_at: r.created_at,
-        latency_ms: r.latency,
+        latency_ms: r.latency.clone(),
     }
 }
 
@@ -320,16 +301,16 @@ pub async fn results(
     }
     let job = state
         .store
-        .get_job(&job_id)
+        .job_brief(&job_id)
         .await?
         .ok_or_else(|| ApiError::job_not_found(&job_id))?;
-    let results = state.store.results(&job_id, q.after, limit).await?;
+    let results = state.store.results(&job_id, &job, q.after, limit).await?;
     let next_after = results.last().map(|r| r.seq).or(q.after);
     Ok(Json(ResultsResponse {
-        job_id: job.job_id,
+        job_id,
         status: job.status,
         total_results: job.results_count,
-        results: results.into_iter().map(result_view).collect(),
+        results: results.iter().map(|r| result_view(r)).collect(),
         next_after,
     }))
 }

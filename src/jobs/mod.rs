@@ -265,6 +265,23 @@ impl Inner {
                     .await
             }
         };
+        let model = job
+            .model
+            .clone()
+            .unwrap_or_else(|| self.models.default_name().to_owned());
+        // How the model wants its frames; a model it cannot name or load fails the job here.
+        let spec = tokio::select! {
+            _ = cancel.cancelled() => return,
+            s = backend.frame_spec(&model) => s,
+        };
+        let spec = match spec {
+            Ok(spec) => spec,
+            Err(why) => {
+                return self
+                    .finish(&job.job_id, JobStatus::Failed, Some(&why))
+                    .await
+            }
+        };
         stats.set_source_state("");
         match self.store.mark_running(&job.job_id).await {
             Ok(true) => {}
@@ -274,16 +291,13 @@ impl Inner {
                 return;
             }
         }
-        let model = job
-            .model
-            .clone()
-            .unwrap_or_else(|| self.models.default_name().to_owned());
         let batcher = self.dispatchers.batcher(&model, backend);
         let pipeline = Pipeline {
             job: job.clone(),
             job_id,
             source,
             model,
+            spec,
             store: self.store.clone(),
             settings: self.settings.clone(),
             stats,

@@ -26,10 +26,12 @@ use crate::ingest::hls::{HlsEvent, HlsLimits, HlsSource};
 use crate::ingest::redis::{Acker, RedisSource, RedisSourceConfig};
 use crate::media::decode::{DecodeError, DecodeLimits, DecodeState, SegmentBytes, SegmentDecoder};
 use crate::media::sampler::Sampler;
-use crate::media::Frame;
+use crate::media::shape::Shaper;
+use crate::media::{Frame, FrameSpec, Still};
 use crate::retry::Backoff;
 use crate::stats::Stats;
-use crate::store::{JobRecord, NewResult, Store};
+use crate::stats::LatencyWindow;
+use crate::store::{JobRecord, NewResult, Saved, Store};
 
 /// How a pipeline ended.
 #[derive(Debug, PartialEq)]
@@ -68,6 +70,8 @@ pub struct Pipeline {
     pub job_id: JobId,
     pub source: Source,
     pub model: String,
+    /// How the model wants its frames; they are shaped so in the decode thread.
+    pub spec: FrameSpec,
     pub store: Store,
     pub settings: Arc<Settings>,
     pub stats: Arc<Stats>,
@@ -100,7 +104,20 @@ impl Pipeline {
                 Err(e) => return Outcome::Failed(format!("invalid Redis stream reference: {e}")),
             },
         };
+        // Percentiles go on from the results an earlier run stored.
+        let latency = match self
+            .store
+            .recent_latencies(self.job_id.as_str(), LatencyWindow::CAPACITY as i64)
+            .await
+        {
+            Ok(recent) => LatencyWindow::from_json(recent.iter().rev()),
+            Err(e) => {
+                tracing::warn!(job_id = %self.job_id, error = %e, "cannot read earlier latencies");
+                LatencyWindow::default()
+            }
+        };
         let writer = Writer {
+            latency: std::sync::Mutex::new(latency),
             store: self.store.clone(),
             job_id: self.job_id.clone(),
             model: self.model.clone(),
@@ -109,7 +126,7 @@ impl Pipeline {
             cancel: self.cancel.clone(),
         };
         let (ended, ()) = tokio::join!(source_ended, writer.run(pending_rx));
-        writer_final_save(&self.store, &self.job_id, &self.stats).await;
+        writer.save_stats(&self.stats.snapshot(), None).await;
         if self.cancel.is_cancelled() {
             // Cancelled by its user the job is over: its consumer group goes too. Stopped by a
             // shutdown it resumes later and needs the group's pending entries.
@@ -152,11 +169,14 @@ impl Pipeline {
         let mut sampler = progress
             .sampler
             .unwrap_or_else(|| Sampler::new(self.job.fps));
-        let mut decoder = Some(SegmentDecoder::new(DecodeLimits {
-            max_frame_pixels: p.max_frame_pixels,
-            deadline: p.segment_decode_timeout,
-            fast: p.fast_decode,
-        }));
+        let mut decoder = Some(SegmentDecoder::new(
+            DecodeLimits {
+                max_frame_pixels: p.max_frame_pixels,
+                deadline: p.segment_decode_timeout,
+                fast: p.fast_decode,
+            },
+            self.spec,
+        ));
         let mut failure = None;
         while let Some(event) = tokio::select! { _ = stop.cancelled() => None, e = rx.recv() => e }
         {
@@ -211,8 +231,18 @@ impl Pipeline {
                             if out.timed_out {
                                 Stats::add(&self.stats.segments_timed_out, 1);
                             }
-                            for frame in out.frames {
-                                if !self.submit(lane, frame, None, &pending, &stop).await {
+                            for shaped in out.frames {
+                                let sent = match shaped {
+                                    Ok(frame) => {
+                                        self.submit(lane, frame, None, &pending, &stop).await
+                                    }
+                                    Err(unshaped) => {
+                                        tracing::warn!(job_id = %self.job_id, pts_ms = unshaped.pts_ms, why = %unshaped.why, "sampled frame not usable");
+                                        self.refuse(unshaped.pts_ms, unshaped.why, None, &pending)
+                                            .await
+                                    }
+                                };
+                                if !sent {
                                     break;
                                 }
                             }
@@ -279,6 +309,7 @@ impl Pipeline {
             .sampler
             .unwrap_or_else(|| Sampler::new(self.job.fps));
         let max_pixels = self.settings.pipeline.max_frame_pixels;
+        let mut shaper = Some(Shaper::new(self.spec));
         while let Some(entry) = tokio::select! { _ = stop.cancelled() => None, e = rx.recv() => e }
         {
             let Some(bytes) = entry.frame else {
@@ -297,11 +328,21 @@ impl Pipeline {
                 continue;
             }
             let ts = entry.ts_ms;
-            let decoded =
-                tokio::task::spawn_blocking(move || Frame::from_encoded(&bytes, ts, max_pixels))
-                    .await;
-            match decoded {
-                Ok(Ok(frame)) => {
+            let Some(mut sh) = shaper.take() else { break };
+            let shaped = tokio::task::spawn_blocking(move || {
+                let frame = Still::probe(&bytes, max_pixels).and_then(|s| s.shape(&mut sh, ts));
+                (frame, sh)
+            })
+            .await;
+            let shaped = match shaped {
+                Ok((frame, sh)) => {
+                    shaper = Some(sh);
+                    frame
+                }
+                Err(_) => return Outcome::Failed("the image decoder crashed".into()),
+            };
+            match shaped {
+                Ok(frame) => {
                     Stats::add(&self.stats.frames_sampled, 1);
                     if !self
                         .submit(lane, frame, Some(entry.id), &pending, &stop)
@@ -317,29 +358,43 @@ impl Pipeline {
                         break;
                     }
                 }
-                Ok(Err(why)) => {
+                Err(why) => {
                     // The frame took its sampling slot: its result is this error, stored in
                     // order like any other, and the entry is acknowledged after it.
                     Stats::add(&self.stats.entries_invalid, 1);
                     tracing::warn!(job_id = %self.job_id, id = %entry.id, %why, "entry frame not usable");
-                    let (tx, rx) = oneshot::channel();
-                    let _ = tx.send(Done::refused(format!("entry {}: {why}", entry.id)));
-                    let refused = Pending::Frame {
-                        pts_ms: ts,
-                        reply: rx,
-                        ack: Some(entry.id),
-                    };
-                    if pending.send(refused).await.is_err() {
+                    let why = format!("entry {}: {why}", entry.id);
+                    if !self.refuse(ts, why, Some(entry.id), &pending).await {
                         break;
                     }
                 }
-                Err(_) => return Outcome::Failed("the image decoder crashed".into()),
             }
         }
         drop(pending);
         stop.cancel();
         let _ = source_task.await;
         Outcome::Stopped
+    }
+
+    /// Gives a sampled frame that never reached the model its error result, in its place in
+    /// the order (batch size 0); false once the writer is gone.
+    async fn refuse(
+        &self,
+        pts_ms: i64,
+        why: String,
+        ack: Option<String>,
+        pending: &mpsc::Sender<Pending>,
+    ) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Done::refused(why));
+        pending
+            .send(Pending::Frame {
+                pts_ms,
+                reply: rx,
+                ack,
+            })
+            .await
+            .is_ok()
     }
 
     /// Queues a frame for the model and tells the writer to expect its answer. A full live
@@ -373,8 +428,10 @@ impl Pipeline {
     }
 }
 
-/// Stores answers in order, acknowledges Redis entries, saves progress and stats.
+/// Stores answers in order, acknowledges Redis entries, saves progress, stats and latency
+/// percentiles.
 struct Writer {
+    latency: std::sync::Mutex<LatencyWindow>,
     store: Store,
     job_id: JobId,
     model: String,
@@ -405,6 +462,8 @@ impl Writer {
                     // An error here means the frame was dropped from a full live lane.
                     let Ok(done) = done else { continue };
                     let failed = done.output.is_err();
+                    let l = done.latency;
+                    let phases = [l.queue, l.preprocess, l.inference, l.total];
                     let result = NewResult {
                         pts_ms,
                         prompt_scope: done.prompt_scope,
@@ -420,6 +479,9 @@ impl Writer {
                     };
                     if !self.store_result(&result).await {
                         return;
+                    }
+                    if let Ok(mut w) = self.latency.lock() {
+                        w.push(phases);
                     }
                     Stats::add(
                         if failed {
@@ -476,23 +538,25 @@ impl Writer {
     ) -> crate::stats::StatsSnapshot {
         let now = self.stats.snapshot();
         Stats::export_delta(exported, &now);
+        let stats = json!(now);
+        let latency = self
+            .latency
+            .lock()
+            .map(|w| w.percentiles())
+            .unwrap_or_default();
+        let record = Saved {
+            frames_processed: frames_processed(&now),
+            stats: &stats,
+            latency: &latency,
+        };
         let saved = match progress {
             Some(p) => {
                 let progress = serde_json::to_value(p).unwrap_or_default();
                 self.store
-                    .save_progress(
-                        self.job_id.as_str(),
-                        frames_processed(&now),
-                        &json!(now),
-                        &progress,
-                    )
+                    .save_progress(self.job_id.as_str(), &record, &progress)
                     .await
             }
-            None => {
-                self.store
-                    .save_stats(self.job_id.as_str(), frames_processed(&now), &json!(now))
-                    .await
-            }
+            None => self.store.save_stats(self.job_id.as_str(), &record).await,
         };
         if let Err(e) = saved {
             tracing::warn!(job_id = %self.job_id, error = %e, "cannot save job progress");
@@ -506,12 +570,3 @@ fn frames_processed(s: &crate::stats::StatsSnapshot) -> i64 {
     (s.frames_decoded + s.entries_read) as i64
 }
 
-async fn writer_final_save(store: &Store, job_id: &JobId, stats: &Stats) {
-    let now = stats.snapshot();
-    if let Err(e) = store
-        .save_stats(job_id.as_str(), frames_processed(&now), &json!(now))
-        .await
-    {
-        tracing::warn!(%job_id, error = %e, "cannot save final job stats");
-    }
-}

@@ -7,22 +7,21 @@
 //! segment's last GOP: once the next target lies past its latest frame), non-reference frames
 //! are skipped when the sampling interval is several frames long, and only keyframes are
 //! decoded when the interval is at least the keyframe interval. One [`SegmentDecoder`] per job
-//! keeps the opened decoder and colour converter from segment to segment.
+//! keeps the opened decoder and the frame shaper from segment to segment.
 
 use std::io::Cursor;
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use ffmpeg::codec::discard::Discard;
-use ffmpeg::format::Pixel;
-use ffmpeg::software::scaling;
 use ffmpeg::{codec, format, frame, media, Dictionary, Packet};
 use ffmpeg_next as ffmpeg;
 use serde::{Deserialize, Serialize};
 
 use super::sampler::Sampler;
+use super::shape::{Shaper, Source};
 use super::timeline::Timeline;
-use super::Frame;
+use super::{Frame, FrameSpec};
 
 /// The demuxers HLS carries: MPEG-TS and ISO-BMFF (fMP4/CMAF).
 const DEMUXERS: &str = "mpegts,mov,mp4,m4a,3gp,3g2,mj2";
@@ -64,10 +63,18 @@ pub struct SegmentBytes {
     pub discontinuity: bool,
 }
 
+/// A sampled picture the shaper could not turn into a frame (its slot gets an error result).
+#[derive(Debug)]
+pub struct Unshaped {
+    pub pts_ms: i64,
+    pub why: String,
+}
+
 /// What a segment gave.
 #[derive(Debug, Default)]
 pub struct SegmentOutcome {
-    pub frames: Vec<Frame>,
+    /// Sampled frames in media-time order, each shaped for the backend or why it could not be.
+    pub frames: Vec<Result<Frame, Unshaped>>,
     pub frames_decoded: u64,
     /// Packets the demuxer or decoder refused as corrupt.
     pub corrupt: u64,
@@ -138,10 +145,11 @@ impl StreamParams {
 }
 
 impl SegmentDecoder {
-    pub fn new(limits: DecodeLimits) -> Self {
+    /// A decoder whose sampled frames are shaped as `spec` says.
+    pub fn new(limits: DecodeLimits, spec: FrameSpec) -> Self {
         init();
         Self {
-            sink: Sink::new(limits.max_frame_pixels),
+            sink: Sink::new(limits.max_frame_pixels, spec),
             limits,
             open: None,
         }
@@ -369,29 +377,20 @@ fn check_size(width: u32, height: u32, max: u64) -> Result<(), DecodeError> {
     Ok(())
 }
 
-/// Receives decoded frames, offers them to the sampler and converts the kept ones to RGB.
-/// The converter and its output picture are kept from frame to frame.
+/// Receives decoded frames, offers them to the sampler and shapes the kept ones for the
+/// model backend (the shaper keeps its scaler and encoder from frame to frame).
 struct Sink {
-    scaler: Option<(Scaler, Pixel, u32, u32)>,
+    shaper: Shaper,
     max_pixels: u64,
     decoded: frame::Video,
-    rgb: frame::Video,
 }
 
-/// An swscale context; it is used by one thread at a time (the one decoding the segment).
-struct Scaler(scaling::Context);
-
-// SAFETY: an SwsContext holds no thread-local state; the owning SegmentDecoder moves between
-// blocking threads but is never shared.
-unsafe impl Send for Scaler {}
-
 impl Sink {
-    fn new(max_pixels: u64) -> Self {
+    fn new(max_pixels: u64, spec: FrameSpec) -> Self {
         Self {
-            scaler: None,
+            shaper: Shaper::new(spec),
             max_pixels,
             decoded: frame::Video::empty(),
-            rgb: frame::Video::empty(),
         }
     }
 
@@ -421,53 +420,14 @@ impl Sink {
             };
             let t = timeline.media_ms(raw as f64 * tick_ms);
             if sampler.offer(t) {
-                let frame = self.convert(t)?;
-                out.frames.push(frame);
+                check_size(self.decoded.width(), self.decoded.height(), self.max_pixels)?;
+                let pts_ms = t.round() as i64;
+                out.frames.push(
+                    self.shaper
+                        .shape(&Source::video(&self.decoded), pts_ms)
+                        .map_err(|why| Unshaped { pts_ms, why }),
+                );
             }
         }
-    }
-
-    fn convert(&mut self, t_ms: f64) -> Result<Frame, DecodeError> {
-        let (format, w, h) = (
-            self.decoded.format(),
-            self.decoded.width(),
-            self.decoded.height(),
-        );
-        check_size(w, h, self.max_pixels)?;
-        let stale =
-            !matches!(&self.scaler, Some((_, f, sw, sh)) if *f == format && *sw == w && *sh == h);
-        if stale {
-            let ctx = scaling::Context::get(
-                format,
-                w,
-                h,
-                Pixel::RGB24,
-                w,
-                h,
-                scaling::Flags::FAST_BILINEAR,
-            )
-            .map_err(|e| DecodeError::Unreadable(format!("no conversion from {format:?}: {e}")))?;
-            self.scaler = Some((Scaler(ctx), format, w, h));
-            self.rgb = frame::Video::empty();
-        }
-        if let Some((scaler, ..)) = self.scaler.as_mut() {
-            scaler
-                .0
-                .run(&self.decoded, &mut self.rgb)
-                .map_err(|e| DecodeError::Unreadable(e.to_string()))?;
-        }
-        let stride = self.rgb.stride(0);
-        let row = w as usize * 3;
-        let data = self.rgb.data(0);
-        let mut packed = Vec::with_capacity(row * h as usize);
-        for y in 0..h as usize {
-            packed.extend_from_slice(&data[y * stride..y * stride + row]);
-        }
-        Ok(Frame {
-            width: w,
-            height: h,
-            rgb: packed,
-            pts_ms: t_ms.round() as i64,
-        })
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::config::{ModelType, Settings};
-use crate::media::Frame;
+use crate::media::{Frame, FrameSpec};
 
 /// One frame and the prompt to answer about it.
 #[derive(Debug, Clone)]
@@ -37,6 +37,10 @@ pub struct InferOutput {
 pub trait Backend: Send + Sync + 'static {
     /// Runs a batch on `model` (the job's model name, or the default).
     async fn infer(&self, model: &str, batch: Vec<InferRequest>) -> Vec<InferOutput>;
+
+    /// What frames for `model` should look like (size, JPEG or RGB): the pipeline shapes them
+    /// so once, in its decode thread. `Err` says why `model` cannot be used.
+    async fn frame_spec(&self, model: &str) -> Result<FrameSpec, String>;
 
     /// Whether the backend can answer now; `Ok` carries a short description.
     async fn check(&self) -> Result<String, String>;

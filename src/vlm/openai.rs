@@ -1,6 +1,8 @@
 //! Backend `openai`: any OpenAI-compatible chat-completions server (vLLM, Ollama, llama.cpp
 //! server, OpenAI). One request per frame: the prompt as text and the frame as a JPEG
-//! data-URI `image_url`. Timeouts, 429 and 5xx are retried with backoff honouring
+//! data-URI `image_url`. Frames arrive already encoded, at most FRAME_MAX_SIDE on their
+//! longest side (the pipeline shaped them in its decode thread); here they are only
+//! base64-encoded. Timeouts, 429 and 5xx are retried with backoff honouring
 //! Retry-After; other failures become that frame's error.
 
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use tokio::sync::Semaphore;
 use url::Url;
 
 use super::{Backend, InferOutput, InferRequest};
+use crate::media::{Encoding, FrameSize, FrameSpec};
 use crate::config::OpenAiSettings;
 use crate::retry::Backoff;
 
@@ -26,6 +29,7 @@ pub struct OpenAiBackend {
     backoff: Backoff,
     max_tokens: u32,
     temperature: f64,
+    spec: FrameSpec,
 }
 
 enum Attempt {
@@ -63,6 +67,15 @@ impl OpenAiBackend {
             ),
             max_tokens: s.max_tokens,
             temperature: s.temperature,
+            spec: FrameSpec {
+                size: match s.frame_max_side {
+                    0 => FrameSize::AsDecoded,
+                    n => FrameSize::LongestSide(n),
+                },
+                encoding: Encoding::Jpeg {
+                    quality: s.jpeg_quality,
+                },
+            },
         })
     }
 
@@ -75,18 +88,20 @@ impl OpenAiBackend {
 
     async fn one(&self, model: &str, request: InferRequest) -> InferOutput {
         let started = Instant::now();
-        let frame = request.frame.clone();
-        let jpeg = tokio::task::spawn_blocking(move || frame.to_jpeg(85)).await;
-        let preprocess_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let jpeg = match jpeg {
-            Ok(Ok(j)) => j,
-            Ok(Err(e)) => return failed(e, preprocess_ms, 0.0),
-            Err(e) => return failed(format!("jpeg encoding panicked: {e}"), preprocess_ms, 0.0),
+        let quality = match self.spec.encoding {
+            Encoding::Jpeg { quality } => quality,
+            Encoding::Rgb => 85,
+        };
+        // Frames come shaped as JPEG; anything else (never in a pipeline) is encoded here.
+        let jpeg = match request.frame.to_jpeg(quality) {
+            Ok(j) => j,
+            Err(e) => return failed(e, 0.0, 0.0),
         };
         let url = format!(
             "data:image/jpeg;base64,{}",
             base64::engine::general_purpose::STANDARD.encode(&jpeg)
         );
+        let preprocess_ms = started.elapsed().as_secs_f64() * 1000.0;
         let body = json!({
             "model": model,
             "messages": [{
@@ -198,6 +213,10 @@ fn failed(why: String, preprocess_ms: f64, inference_ms: f64) -> InferOutput {
 impl Backend for OpenAiBackend {
     async fn infer(&self, model: &str, batch: Vec<InferRequest>) -> Vec<InferOutput> {
         futures::future::join_all(batch.into_iter().map(|r| self.one(model, r))).await
+    }
+
+    async fn frame_spec(&self, _model: &str) -> Result<FrameSpec, String> {
+        Ok(self.spec)
     }
 
     async fn check(&self) -> Result<String, String> {

@@ -19,7 +19,7 @@ use self::cache::{InUse, Lru};
 use self::paligemma::{Generation, ModelFiles, PaliGemma};
 use super::{Backend, InferOutput, InferRequest};
 use crate::config::{Device as DeviceSetting, Settings};
-use crate::media::Frame;
+use crate::media::{Encoding, Frame, FrameSize, FrameSpec, Picture};
 
 /// Where a model's files come from.
 #[derive(Debug, Clone)]
@@ -90,6 +90,19 @@ pub enum Engine {
 }
 
 impl Engine {
+    /// The frames this model takes: its vision tower's input size, as RGB.
+    fn frame_spec(&self) -> FrameSpec {
+        let Engine::PaliGemma(m) = self;
+        let side = m.image_size();
+        FrameSpec {
+            size: FrameSize::Exact {
+                width: side,
+                height: side,
+            },
+            encoding: Encoding::Rgb,
+        }
+    }
+
     fn load(files: &ModelFiles, device: &Device) -> Result<Self, String> {
         match files.model_type()?.as_str() {
             "paligemma" => Ok(Engine::PaliGemma(PaliGemma::load(files, device)?)),
@@ -262,6 +275,11 @@ impl Backend for CandleBackend {
         }
     }
 
+    /// The model's input size as RGB; loads the model if needed (a job needs it anyway).
+    async fn frame_spec(&self, model: &str) -> Result<FrameSpec, String> {
+        Ok(self.model(model).await?.value.frame_spec())
+    }
+
     /// Loads the default model and runs one warmup batch (the first call does the work).
     async fn check(&self) -> Result<String, String> {
         if self.warmed.load(std::sync::atomic::Ordering::Acquire) {
@@ -271,7 +289,7 @@ impl Backend for CandleBackend {
         let frame = Arc::new(Frame {
             width: 64,
             height: 64,
-            rgb: vec![128; 64 * 64 * 3],
+            picture: Picture::Rgb(vec![128; 64 * 64 * 3]),
             pts_ms: 0,
         });
         let out = self

@@ -223,19 +223,23 @@ impl PaliGemma {
         let s = self.image_size as u32;
         let mut data = Vec::with_capacity(frames.len() * 3 * (s * s) as usize);
         for f in frames {
-            let img = image::RgbImage::from_raw(f.width, f.height, f.rgb.clone())
-                .ok_or("frame buffer has the wrong size")?;
-            // A fast box reduction to twice the size first, then bicubic: close to PIL's
-            // bicubic on large images (which supersamples), at a fraction of the cost.
-            let img = if img.width() > 2 * s && img.height() > 2 * s {
-                image::imageops::thumbnail(&img, 2 * s, 2 * s)
+            let rgb = f.to_rgb()?;
+            // Pipelines hand frames over at the input size already (shaped in the decode
+            // thread); anything else is resized here with PIL's filter.
+            let resized;
+            let pixels: &[u8] = if (f.width, f.height) == (s, s) {
+                &rgb
             } else {
-                img
+                let img = image::RgbImage::from_raw(f.width, f.height, rgb.into_owned())
+                    .ok_or("frame buffer has the wrong size")?;
+                resized = image::imageops::resize(&img, s, s, image::imageops::FilterType::CatmullRom);
+                resized.as_raw()
             };
-            let resized =
-                image::imageops::resize(&img, s, s, image::imageops::FilterType::CatmullRom);
+            if pixels.len() != (s * s * 3) as usize {
+                return Err("frame buffer has the wrong size".into());
+            }
             for c in 0..3 {
-                data.extend(resized.pixels().map(|p| f32::from(p.0[c]) / 127.5 - 1.0));
+                data.extend(pixels.chunks_exact(3).map(|p| f32::from(p[c]) / 127.5 - 1.0));
             }
         }
         Tensor::from_vec(
@@ -245,6 +249,11 @@ impl PaliGemma {
         )
         .and_then(|t| t.to_dtype(self.dtype))
         .map_err(|e| e.to_string())
+    }
+
+    /// The square input size of the vision tower, in pixels.
+    pub fn image_size(&self) -> u32 {
+        self.image_size as u32
     }
 
     /// Answers `prompt` about every frame (already preprocessed) in one batched pass.

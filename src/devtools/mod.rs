@@ -1,4 +1,7 @@
-//! Developer tools behind `free-roam dev ...`: the ingest benchmark.
+//! Developer tools behind `free-roam dev ...`: the benchmarks and the tiny-model maker.
+//!
+//! [`bench_service`] measures the service a user runs (the release binary, end to end);
+//! the rest here measures parts: ingest alone, the in-process model alone.
 //!
 //! `free-roam dev bench-ingest` makes a 60 s 1280x720 30 fps H.264 HLS stream with the ffmpeg
 //! CLI, then measures, in one run: the CPU time of the service's own decode-and-sample path
@@ -12,21 +15,30 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+pub mod bench_service;
+
 use crate::media::decode::{DecodeLimits, DecodeState, SegmentBytes, SegmentDecoder};
 use crate::media::sampler::Sampler;
+use crate::media::{Encoding, FrameSize, FrameSpec};
+
+/// What the OpenAI-compatible backend asks for by default (FRAME_MAX_SIDE, JPEG_QUALITY).
+const DEFAULT_SPEC: FrameSpec = FrameSpec {
+    size: FrameSize::LongestSide(768),
+    encoding: Encoding::Jpeg { quality: 85 },
+};
 
 const SECONDS: u32 = 60;
 const FPS: f64 = 2.0;
 /// Runs of each single-stream measurement; the median is reported.
 const ROUNDS: u32 = 5;
 
-fn median(mut runs: Vec<Duration>) -> Duration {
+pub(crate) fn median(mut runs: Vec<Duration>) -> Duration {
     runs.sort_unstable();
     runs[runs.len() / 2]
 }
 
 /// CPU time (user + system) of this process, or of its waited-for children.
-fn cpu(who: libc::c_int) -> Duration {
+pub(crate) fn cpu(who: libc::c_int) -> Duration {
     // SAFETY: getrusage fills the struct it is given and reads nothing else.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(who, &mut usage) };
@@ -36,7 +48,7 @@ fn cpu(who: libc::c_int) -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-fn make_stream(dir: &Path) -> anyhow::Result<Vec<(PathBuf, f64)>> {
+pub(crate) fn make_stream(dir: &Path) -> anyhow::Result<Vec<(PathBuf, f64)>> {
     let playlist = dir.join("index.m3u8");
     if !playlist.exists() {
         eprintln!(
@@ -94,11 +106,14 @@ fn make_stream(dir: &Path) -> anyhow::Result<Vec<(PathBuf, f64)>> {
 fn ingest(segments: Vec<(Vec<u8>, f64)>, fast: bool) -> anyhow::Result<Ingested> {
     let mut state = DecodeState::default();
     let mut sampler = Sampler::new(FPS);
-    let mut decoder = SegmentDecoder::new(DecodeLimits {
-        max_frame_pixels: 3840 * 2160,
-        deadline: Duration::from_secs(30),
-        fast,
-    });
+    let mut decoder = SegmentDecoder::new(
+        DecodeLimits {
+            max_frame_pixels: 3840 * 2160,
+            deadline: Duration::from_secs(30),
+            fast,
+        },
+        DEFAULT_SPEC,
+    );
     let mut done = Ingested::default();
     for (bytes, duration_ms) in segments {
         let segment = SegmentBytes {
@@ -266,12 +281,14 @@ pub async fn bench_model(dir: &Path) -> anyhow::Result<String> {
         crate::vlm::candle::CandleBackend::from_settings(&settings).map_err(anyhow::Error::msg)?;
     backend.check().await.map_err(anyhow::Error::msg)?;
     let model = backend.default_name().to_owned();
-    let frame = Arc::new(Frame {
-        width: 1280,
-        height: 720,
-        rgb: (0..1280 * 720 * 3).map(|i| (i % 251) as u8).collect(),
-        pts_ms: 0,
-    });
+    // A 1280x720 picture shaped as the pipeline shapes it for this model.
+    let spec = backend.frame_spec(&model).await.map_err(anyhow::Error::msg)?;
+    let rgb: Vec<u8> = (0..1280 * 720 * 3).map(|i| (i % 251) as u8).collect();
+    let frame: Arc<Frame> = Arc::new(
+        crate::media::shape::Shaper::new(spec)
+            .shape(&crate::media::shape::Source::rgb(&rgb, 1280, 720), 0)
+            .map_err(anyhow::Error::msg)?,
+    );
     let mut md = format!(
         "Model: {} ({} max new tokens, greedy), CPU, {} cores.\n\n| batch size | frames/s | ms per batch | preprocess ms | inference ms | answer length (chars) |\n| --- | --- | --- | --- | --- | --- |\n",
         dir.display(),

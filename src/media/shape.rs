@@ -1,0 +1,425 @@
+//! Shapes a decoded picture into what the model backend asked for ([`FrameSpec`]) in one
+//! swscale pass, in the thread that decoded it: scaled to the backend's size and converted
+//! from whatever the decoder gave (4:2:0, 4:2:2, 4:4:4, 10-bit, full or limited range, odd
+//! sizes; or packed RGB from a still image) straight into either packed RGB or full-range
+//! 4:2:0 planes that libjpeg-turbo encodes without an RGB round trip.
+//!
+//! The colour matrix follows the picture's own tag (BT.709, BT.601, BT.2020...; untagged is
+//! BT.601, as ffmpeg assumes); JPEG output is JFIF's full-range BT.601. Downscaling uses
+//! swscale's bicubic with B=0, C=0.5 (the Keys kernel PIL uses), whose support widens with
+//! the scale factor, so a 1280→448 reduction is filtered rather than aliased.
+
+use std::ptr;
+
+use ffmpeg::ffi;
+use ffmpeg::format::Pixel;
+use ffmpeg::frame;
+use ffmpeg_next as ffmpeg;
+
+use super::jpeg::{JpegEncoder, Yuv420};
+use super::{Encoding, Frame, FrameSize, FrameSpec, Picture};
+
+/// A picture swscale can read: up to four planes with their strides.
+pub struct Source<'a> {
+    pub format: Pixel,
+    pub width: u32,
+    pub height: u32,
+    pub planes: [&'a [u8]; 4],
+    pub strides: [usize; 4],
+    pub colorspace: ffi::AVColorSpace,
+    pub full_range: bool,
+}
+
+impl<'a> Source<'a> {
+    /// A decoded video frame.
+    pub fn video(f: &'a frame::Video) -> Self {
+        let n = f.planes().min(4);
+        let mut planes: [&[u8]; 4] = [&[]; 4];
+        let mut strides = [0usize; 4];
+        for i in 0..n {
+            planes[i] = f.data(i);
+            strides[i] = f.stride(i);
+        }
+        // SAFETY: plain fields of the frame we borrow.
+        let (colorspace, range) = unsafe {
+            let p = &*f.as_ptr();
+            (p.colorspace, p.color_range)
+        };
+        let format = f.format();
+        Self {
+            format,
+            width: f.width(),
+            height: f.height(),
+            planes,
+            strides,
+            colorspace,
+            full_range: range == ffi::AVColorRange::AVCOL_RANGE_JPEG
+                || matches!(
+                    format,
+                    Pixel::YUVJ420P | Pixel::YUVJ422P | Pixel::YUVJ444P | Pixel::YUVJ440P
+                ),
+        }
+    }
+
+    /// Packed RGB24 rows (a decoded still image).
+    pub fn rgb(rgb: &'a [u8], width: u32, height: u32) -> Self {
+        Self {
+            format: Pixel::RGB24,
+            width,
+            height,
+            planes: [rgb, &[], &[], &[]],
+            strides: [width as usize * 3, 0, 0, 0],
+            colorspace: ffi::AVColorSpace::AVCOL_SPC_RGB,
+            full_range: true,
+        }
+    }
+}
+
+/// The size `spec` asks for, for a `width`x`height` picture. Never upscales for a longest
+/// side; keeps the aspect ratio (rounded, at least 1 pixel).
+pub fn target_size(size: FrameSize, width: u32, height: u32) -> (u32, u32) {
+    match size {
+        FrameSize::AsDecoded => (width, height),
+        FrameSize::Exact { width, height } => (width, height),
+        FrameSize::LongestSide(n) => {
+            let longest = width.max(height);
+            if n == 0 || longest <= n {
+                return (width, height);
+            }
+            let scale = f64::from(n) / f64::from(longest);
+            let side = |v: u32| ((f64::from(v) * scale).round() as u32).clamp(1, n);
+            (side(width), side(height))
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Clone, Copy)]
+struct Key {
+    src: Pixel,
+    sw: u32,
+    sh: u32,
+    dst: Pixel,
+    dw: u32,
+    dh: u32,
+    colorspace: ffi::AVColorSpace,
+    full_range: bool,
+}
+
+/// An swscale context made for one [`Key`].
+struct Sws {
+    ctx: *mut ffi::SwsContext,
+    key: Key,
+}
+
+// SAFETY: an SwsContext holds no thread-local state; the owning Shaper moves between blocking
+// threads but is never shared.
+unsafe impl Send for Sws {}
+
+impl Drop for Sws {
+    fn drop(&mut self) {
+        // SAFETY: the context came from sws_getContext and is freed once.
+        unsafe { ffi::sws_freeContext(self.ctx) };
+    }
+}
+
+impl Sws {
+    fn new(key: Key) -> Result<Self, String> {
+        // Keys' cubic with a = -0.5 (B=0, C=0.5), as PIL's bicubic.
+        let param = [0.0f64, 0.5];
+        let flags = ffi::SWS_BICUBIC | ffi::SWS_ACCURATE_RND | ffi::SWS_FULL_CHR_H_INT;
+        // SAFETY: plain constructor; null means the conversion is not supported.
+        let ctx = unsafe {
+            ffi::sws_getContext(
+                key.sw as i32,
+                key.sh as i32,
+                key.src.into(),
+                key.dw as i32,
+                key.dh as i32,
+                key.dst.into(),
+                flags as i32,
+                ptr::null_mut(),
+                ptr::null_mut(),
+                param.as_ptr(),
+            )
+        };
+        if ctx.is_null() {
+            return Err(format!(
+                "cannot convert {:?} {}x{} to {:?} {}x{}",
+                key.src, key.sw, key.sh, key.dst, key.dw, key.dh
+            ));
+        }
+        let sws = Self { ctx, key };
+        let matrix = match key.colorspace {
+            ffi::AVColorSpace::AVCOL_SPC_BT709 => ffi::SWS_CS_ITU709,
+            ffi::AVColorSpace::AVCOL_SPC_FCC => ffi::SWS_CS_FCC,
+            ffi::AVColorSpace::AVCOL_SPC_SMPTE240M => ffi::SWS_CS_SMPTE240M,
+            ffi::AVColorSpace::AVCOL_SPC_BT2020_NCL | ffi::AVColorSpace::AVCOL_SPC_BT2020_CL => {
+                ffi::SWS_CS_BT2020
+            }
+            _ => ffi::SWS_CS_ITU601,
+        };
+        let yuv_out = key.dst != Pixel::RGB24;
+        // SAFETY: the tables are static inside libswscale; the context is ours.
+        unsafe {
+            ffi::sws_setColorspaceDetails(
+                sws.ctx,
+                ffi::sws_getCoefficients(matrix as i32),
+                i32::from(key.full_range),
+                ffi::sws_getCoefficients(ffi::SWS_CS_ITU601 as i32),
+                i32::from(yuv_out),
+                0,
+                1 << 16,
+                1 << 16,
+            );
+        }
+        Ok(sws)
+    }
+}
+
+/// Reusable planes of the picture being produced, with 32-byte aligned rows.
+#[derive(Default)]
+struct Planes {
+    data: [Vec<u8>; 3],
+    strides: [usize; 3],
+}
+
+impl Planes {
+    fn fit(&mut self, sizes: [(usize, usize); 3]) {
+        for (i, (row, rows)) in sizes.into_iter().enumerate() {
+            let stride = row.next_multiple_of(32);
+            self.strides[i] = stride;
+            // Room for swscale's vectorised writes past the last row's end.
+            self.data[i].resize(stride * rows + 64, 0);
+        }
+    }
+}
+
+/// Turns decoded pictures into [`Frame`]s as a [`FrameSpec`] says. One per job; it keeps its
+/// swscale context, planes and JPEG encoder from frame to frame.
+pub struct Shaper {
+    spec: FrameSpec,
+    sws: Option<Sws>,
+    planes: Planes,
+    jpeg: Option<JpegEncoder>,
+    /// A copy of a borrowed packed picture with room past its end for swscale's vectorised
+    /// reads (decoded frames from ffmpeg carry that padding already).
+    padded: Vec<u8>,
+}
+
+/// Bytes swscale may read past the end of a packed picture's last row.
+const READ_PADDING: usize = 64;
+
+impl Shaper {
+    pub fn new(spec: FrameSpec) -> Self {
+        Self {
+            spec,
+            sws: None,
+            planes: Planes::default(),
+            jpeg: None,
+            padded: Vec::new(),
+        }
+    }
+
+    pub fn spec(&self) -> FrameSpec {
+        self.spec
+    }
+
+    /// Shapes one picture; `pts_ms` is carried over.
+    pub fn shape(&mut self, src: &Source<'_>, pts_ms: i64) -> Result<Frame, String> {
+        if src.width == 0 || src.height == 0 {
+            return Err("picture has no pixels".into());
+        }
+        let (dw, dh) = target_size(self.spec.size, src.width, src.height);
+        let dst = match self.spec.encoding {
+            Encoding::Rgb => Pixel::RGB24,
+            Encoding::Jpeg { .. } => Pixel::YUV420P,
+        };
+        let key = Key {
+            src: src.format,
+            sw: src.width,
+            sh: src.height,
+            dst,
+            dw,
+            dh,
+            colorspace: src.colorspace,
+            full_range: src.full_range,
+        };
+        if self.sws.as_ref().is_none_or(|s| s.key != key) {
+            self.sws = None;
+            self.sws = Some(Sws::new(key)?);
+        }
+        let (w, h) = (dw as usize, dh as usize);
+        let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+        match self.spec.encoding {
+            Encoding::Rgb => self.planes.fit([(w * 3, h), (0, 0), (0, 0)]),
+            Encoding::Jpeg { .. } => self.planes.fit([(w, h), (cw, ch), (cw, ch)]),
+        }
+        self.scale(src)?;
+        let picture = match self.spec.encoding {
+            Encoding::Rgb => {
+                let stride = self.planes.strides[0];
+                let mut rgb = Vec::with_capacity(w * 3 * h);
+                for row in self.planes.data[0].chunks(stride).take(h) {
+                    rgb.extend_from_slice(&row[..w * 3]);
+                }
+                Picture::Rgb(rgb)
+            }
+            Encoding::Jpeg { quality } => {
+                let encoder = match self.jpeg.as_mut() {
+                    Some(e) => e,
+                    None => self.jpeg.insert(JpegEncoder::new(quality)?),
+                };
+                let p = &self.planes;
+                Picture::Jpeg(encoder.encode(&Yuv420 {
+                    width: w,
+                    height: h,
+                    planes: [&p.data[0], &p.data[1], &p.data[2]],
+                    strides: p.strides,
+                })?)
+            }
+        };
+        Ok(Frame {
+            width: dw,
+            height: dh,
+            picture,
+            pts_ms,
+        })
+    }
+
+    fn scale(&mut self, src: &Source<'_>) -> Result<(), String> {
+        // What swscale will read, checked against the borrowed slices: rows of each plane of
+        // this format at these strides.
+        check_source(src)?;
+        let mut src_ptrs: [*const u8; 4] = src.planes.map(<[u8]>::as_ptr);
+        if src.format == Pixel::RGB24 {
+            self.padded.clear();
+            self.padded.extend_from_slice(src.planes[0]);
+            self.padded.resize(src.planes[0].len() + READ_PADDING, 0);
+            src_ptrs[0] = self.padded.as_ptr();
+        }
+        let src_strides: [i32; 4] = src.strides.map(|s| s as i32);
+        let mut dst_ptrs: [*mut u8; 4] = [ptr::null_mut(); 4];
+        let mut dst_strides = [0i32; 4];
+        for i in 0..3 {
+            if self.planes.strides[i] > 0 {
+                dst_ptrs[i] = self.planes.data[i].as_mut_ptr();
+                dst_strides[i] = self.planes.strides[i] as i32;
+            }
+        }
+        let Some(sws) = self.sws.as_ref() else {
+            return Err("no scaler".into());
+        };
+        // SAFETY: the source planes were checked to hold the picture's rows at their strides,
+        // the destination planes were sized for the output at theirs.
+        let rows = unsafe {
+            ffi::sws_scale(
+                sws.ctx,
+                src_ptrs.as_ptr(),
+                src_strides.as_ptr(),
+                0,
+                src.height as i32,
+                dst_ptrs.as_ptr(),
+                dst_strides.as_ptr(),
+            )
+        };
+        if rows <= 0 {
+            return Err(format!("swscale failed ({rows})"));
+        }
+        Ok(())
+    }
+}
+
+/// Checks that each plane `format` has holds its rows at the stride given.
+fn check_source(src: &Source<'_>) -> Result<(), String> {
+    let format: ffi::AVPixelFormat = src.format.into();
+    // SAFETY: av_pix_fmt_desc_get returns a static descriptor or null.
+    let desc = unsafe { ffi::av_pix_fmt_desc_get(format) };
+    if desc.is_null() {
+        return Err(format!("unknown pixel format {:?}", src.format));
+    }
+    // SAFETY: non-null static descriptor.
+    let desc = unsafe { &*desc };
+    let planes = (0..usize::from(desc.nb_components))
+        .map(|c| desc.comp[c].plane as usize)
+        .max()
+        .map_or(0, |p| p + 1);
+    for p in 0..planes.min(4) {
+        let chroma = p == 1 || p == 2;
+        let rows = if chroma {
+            (src.height as usize).div_ceil(1 << desc.log2_chroma_h)
+        } else {
+            src.height as usize
+        };
+        let stride = src.strides[p];
+        if stride == 0 || src.planes[p].len() < stride * rows {
+            return Err(format!(
+                "{:?} {}x{}: plane {p} is short",
+                src.format, src.width, src.height
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn longest_side_keeps_aspect_and_never_upscales() {
+        let s = |n| FrameSize::LongestSide(n);
+        assert_eq!(target_size(s(768), 1280, 720), (768, 432));
+        assert_eq!(target_size(s(768), 720, 1280), (432, 768));
+        assert_eq!(target_size(s(768), 640, 360), (640, 360));
+        assert_eq!(target_size(s(0), 1280, 720), (1280, 720));
+        assert_eq!(target_size(s(2), 1000, 1), (2, 1));
+        assert_eq!(
+            target_size(FrameSize::Exact { width: 224, height: 224 }, 1280, 720),
+            (224, 224)
+        );
+    }
+
+    fn gray_rgb(w: u32, h: u32, v: u8) -> Vec<u8> {
+        vec![v; (w * h * 3) as usize]
+    }
+
+    #[test]
+    fn rgb_to_exact_rgb_keeps_a_flat_colour() {
+        let mut shaper = Shaper::new(FrameSpec {
+            size: FrameSize::Exact { width: 16, height: 16 },
+            encoding: Encoding::Rgb,
+        });
+        let rgb = gray_rgb(37, 21, 200);
+        let f = shaper.shape(&Source::rgb(&rgb, 37, 21), 5).unwrap();
+        assert_eq!((f.width, f.height, f.pts_ms), (16, 16, 5));
+        let Picture::Rgb(px) = &f.picture else { panic!() };
+        assert_eq!(px.len(), 16 * 16 * 3);
+        assert!(px.iter().all(|&v| (i32::from(v) - 200).abs() <= 1));
+    }
+
+    #[test]
+    fn rgb_to_jpeg_bounded_by_the_longest_side() {
+        let mut shaper = Shaper::new(FrameSpec {
+            size: FrameSize::LongestSide(64),
+            encoding: Encoding::Jpeg { quality: 90 },
+        });
+        let rgb = gray_rgb(201, 99, 60);
+        let f = shaper.shape(&Source::rgb(&rgb, 201, 99), 0).unwrap();
+        assert_eq!((f.width, f.height), (64, 32));
+        let Picture::Jpeg(j) = &f.picture else { panic!() };
+        let img = image::load_from_memory(j).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (64, 32));
+        assert!(img.pixels().all(|p| p.0.iter().all(|&v| (i32::from(v) - 60).abs() <= 2)));
+    }
+
+    #[test]
+    fn short_source_is_refused_not_read() {
+        let mut shaper = Shaper::new(FrameSpec {
+            size: FrameSize::AsDecoded,
+            encoding: Encoding::Rgb,
+        });
+        let rgb = vec![0u8; 10];
+        let err = shaper.shape(&Source::rgb(&rgb, 8, 8), 0).unwrap_err();
+        assert!(err.contains("short"), "{err}");
+    }
+}
