@@ -3,7 +3,7 @@
 FROM rust:1-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends \
       pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev \
-      libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev \
+      libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev libturbojpeg0-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -12,7 +12,7 @@ RUN cargo build --release --locked --bin free-roam && cp target/release/free-roa
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends \
       ca-certificates curl libavcodec59 libavformat59 libavutil57 libswscale6 \
-      libswresample4 libavfilter8 libavdevice59 \
+      libswresample4 libavfilter8 libavdevice59 libturbojpeg0 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --create-home --home-dir /app free-roam
 COPY --from=build /free-roam /usr/local/bin/free-roam

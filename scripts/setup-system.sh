@@ -4,7 +4,7 @@
 set -euo pipefail
 
 pkgs=(pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev
-      libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev ffmpeg)
+      libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev libturbojpeg0-dev ffmpeg)
 if [[ "${1:-}" == "--services" ]]; then
   pkgs+=(redis-server postgresql postgresql-client)
 fi

@@ -63,6 +63,8 @@ enum DevTool {
         #[arg(long)]
         no_live: bool,
     },
+    /// Compare JPEG encoders on one 720p picture (a part's figure; Markdown out).
+    BenchJpeg,
     /// Measure the CPU time of HLS ingest alone (a part) against the ffmpeg CLI, and streams at once.
     BenchIngest {
         /// Where the benchmark stream is made (and reused).
@@ -105,6 +107,18 @@ async fn main() {
                 std::process::exit(1);
             }
             println!("tiny PaliGemma written to {}", dir.display());
+            return;
+        }
+        Some(Command::Dev {
+            tool: DevTool::BenchJpeg,
+        }) => {
+            match free_roam::devtools::bench_jpeg::bench_jpeg() {
+                Ok(md) => print!("{md}"),
+                Err(e) => {
+                    eprintln!("bench-jpeg: {e:#}");
+                    std::process::exit(1);
+                }
+            }
             return;
         }
         Some(Command::Dev {

@@ -5,9 +5,10 @@
 //! 4:2:0 planes that libjpeg-turbo encodes without an RGB round trip.
 //!
 //! The colour matrix follows the picture's own tag (BT.709, BT.601, BT.2020...; untagged is
-//! BT.601, as ffmpeg assumes); JPEG output is JFIF's full-range BT.601. Downscaling uses
-//! swscale's bicubic with B=0, C=0.5 (the Keys kernel PIL uses), whose support widens with
-//! the scale factor, so a 1280→448 reduction is filtered rather than aliased.
+//! BT.601, as ffmpeg assumes); JPEG output is JFIF's full-range BT.601. Reductions are
+//! filtered, not aliased: swscale widens its kernel with the scale factor. RGB for an
+//! in-process model uses bicubic with B=0, C=0.5 (the Keys kernel PIL uses); JPEG for a
+//! remote model uses bilinear, half the taps.
 
 use std::ptr;
 
@@ -124,9 +125,15 @@ impl Drop for Sws {
 
 impl Sws {
     fn new(key: Key) -> Result<Self, String> {
-        // Keys' cubic with a = -0.5 (B=0, C=0.5), as PIL's bicubic.
+        // An in-process model's input: Keys' cubic with a = -0.5 (B=0, C=0.5), PIL's bicubic,
+        // with accurate rounding. A JPEG for a remote model: bilinear, which swscale widens
+        // like the cubic when reducing (filtered, not aliased) at half the taps.
         let param = [0.0f64, 0.5];
-        let flags = ffi::SWS_BICUBIC | ffi::SWS_ACCURATE_RND | ffi::SWS_FULL_CHR_H_INT;
+        let flags = if key.dst == Pixel::RGB24 {
+            ffi::SWS_BICUBIC | ffi::SWS_ACCURATE_RND | ffi::SWS_FULL_CHR_H_INT
+        } else {
+            ffi::SWS_BILINEAR
+        };
         // SAFETY: plain constructor; null means the conversion is not supported.
         let ctx = unsafe {
             ffi::sws_getContext(
@@ -232,7 +239,9 @@ impl Shaper {
         let (dw, dh) = target_size(self.spec.size, src.width, src.height);
         let dst = match self.spec.encoding {
             Encoding::Rgb => Pixel::RGB24,
-            Encoding::Jpeg { .. } => Pixel::YUV420P,
+            // The JPEG-range twin: swscale then never takes its plain-copy path, which would
+            // skip the range conversion.
+            Encoding::Jpeg { .. } => Pixel::YUVJ420P,
         };
         let key = Key {
             src: src.format,
@@ -421,5 +430,48 @@ mod tests {
         let rgb = vec![0u8; 10];
         let err = shaper.shape(&Source::rgb(&rgb, 8, 8), 0).unwrap_err();
         assert!(err.contains("short"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::*;
+
+    /// A 4:2:0 picture of one luma value and neutral chroma.
+    fn flat_yuv(format: Pixel, w: u32, h: u32, y: u8) -> frame::Video {
+        crate::media::decode::init();
+        let mut f = frame::Video::new(format, w, h);
+        for (plane, v) in [(0, y), (1, 128), (2, 128)] {
+            f.data_mut(plane).fill(v);
+        }
+        f
+    }
+
+    fn mean_rgb_of(frame: &Frame) -> f64 {
+        let rgb = frame.to_rgb().unwrap();
+        rgb.iter().map(|&v| f64::from(v)).sum::<f64>() / rgb.len() as f64
+    }
+
+    #[test]
+    fn limited_range_black_and_white_become_full_range() {
+        for size in [FrameSize::AsDecoded, FrameSize::LongestSide(32)] {
+            for encoding in [Encoding::Jpeg { quality: 95 }, Encoding::Rgb] {
+                let mut shaper = Shaper::new(FrameSpec { size, encoding });
+                let black = shaper
+                    .shape(&Source::video(&flat_yuv(Pixel::YUV420P, 64, 64, 16)), 0)
+                    .unwrap();
+                let white = shaper
+                    .shape(&Source::video(&flat_yuv(Pixel::YUV420P, 64, 64, 235)), 0)
+                    .unwrap();
+                let (b, w) = (mean_rgb_of(&black), mean_rgb_of(&white));
+                assert!(b < 2.0 && w > 253.0, "{size:?} {encoding:?}: black {b}, white {w}");
+                // Full-range input stays as it is.
+                let full = shaper
+                    .shape(&Source::video(&flat_yuv(Pixel::YUVJ420P, 64, 64, 16)), 0)
+                    .unwrap();
+                let v = mean_rgb_of(&full);
+                assert!((v - 16.0).abs() < 2.0, "{size:?} {encoding:?}: {v}");
+            }
+        }
     }
 }

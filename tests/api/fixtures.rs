@@ -69,10 +69,28 @@ pub fn make_hls(
     container: Container,
     segment_s: f64,
 ) -> PathBuf {
+    make_hls_as(dir, name, seconds, width, height, container, segment_s, "yuv420p")
+}
+
+/// [`make_hls`] in another pixel format (`yuv444p`, `yuv420p10le`, `yuvj420p`...): the same
+/// brightness ramp, converted to full range for the `yuvj` formats so it shows the same.
+#[allow(clippy::too_many_arguments)]
+pub fn make_hls_as(
+    dir: &Path,
+    name: &str,
+    seconds: f64,
+    width: u32,
+    height: u32,
+    container: Container,
+    segment_s: f64,
+    pix_fmt: &str,
+) -> PathBuf {
     let out = dir.join(name);
     std::fs::create_dir_all(&out).unwrap();
+    let range = if pix_fmt.starts_with("yuvj") { "full" } else { "tv" };
     let filter = format!(
-        "color=c=black:s={width}x{height}:r=30:d={seconds},geq=lum='16+T*{LUMA_PER_SECOND}':cb=128:cr=128"
+        "color=c=black:s={width}x{height}:r=30:d={seconds},geq=lum='16+T*{LUMA_PER_SECOND}':cb=128:cr=128,\
+         format=yuv444p,scale=out_range={range},format={pix_fmt}"
     );
     let mut cmd = Command::new("ffmpeg");
     cmd.current_dir(&out)
@@ -87,7 +105,7 @@ pub fn make_hls(
             &filter,
         ])
         .args([
-            "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", "-bf", "2",
+            "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", pix_fmt, "-bf", "2",
         ])
         .args(["-g", "30", "-keyint_min", "30", "-sc_threshold", "0"])
         .args(if container == Container::TsOpenGop {
@@ -287,6 +305,8 @@ pub struct Asked {
     pub prompt: String,
     pub width: u32,
     pub height: u32,
+    /// The JPEG as it arrived.
+    pub jpeg: Vec<u8>,
 }
 
 #[derive(Default)]
@@ -386,6 +406,7 @@ async fn complete(State(state): State<Arc<ModelState>>, Json(body): Json<Value>)
         prompt: prompt.clone(),
         width: img.width(),
         height: img.height(),
+        jpeg: jpeg.clone(),
     });
     let answer = json!({"prompt": prompt, "brightness": brightness}).to_string();
     Json(json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]}))

@@ -5,6 +5,7 @@ mod fixtures;
 mod helpers;
 
 mod errors;
+mod frames;
 mod health;
 mod jobs;
 mod lifecycle;

@@ -1,0 +1,191 @@
+//! `free-roam dev bench-jpeg`: a part's figure. The JPEG encoders the service could use, side
+//! by side on the same decoded 1280x720 picture, at full size and at the default
+//! FRAME_MAX_SIDE (768x432): time per frame, bytes, and PSNR of the decoded JPEG against the
+//! RGB the source stands for, so they are compared at equal quality. The service uses the
+//! fastest (libjpeg-turbo from YUV planes); this is how that was chosen.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use ffmpeg::format::Pixel;
+use ffmpeg::{codec, frame, Packet};
+use ffmpeg_next as ffmpeg;
+
+use crate::media::jpeg::{JpegEncoder, Yuv420};
+use crate::media::shape::{Shaper, Source};
+use crate::media::{Encoding, FrameSize, FrameSpec, Picture};
+
+const ROUNDS: usize = 40;
+
+/// One frame of ffmpeg's `testsrc2` at `w`x`h`, as the CLI converts it: packed RGB and
+/// full-range 4:2:0 planes (the same picture).
+fn picture(w: u32, h: u32) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    let raw = |pix_fmt: &str| -> anyhow::Result<Vec<u8>> {
+        let out = Command::new("ffmpeg")
+            .args(["-hide_banner", "-loglevel", "error", "-f", "lavfi"])
+            .args(["-i", &format!("testsrc2=s={w}x{h}:r=1:d=1")])
+            .args(["-frames:v", "1", "-pix_fmt", pix_fmt, "-f", "rawvideo", "-"])
+            .output()
+            .context("the ffmpeg CLI makes the test picture")?;
+        if !out.status.success() {
+            bail!("ffmpeg failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(out.stdout)
+    };
+    Ok((raw("rgb24")?, raw("yuvj420p")?))
+}
+
+fn psnr(reference: &[u8], jpeg: &[u8]) -> anyhow::Result<f64> {
+    let decoded = image::load_from_memory(jpeg)?.to_rgb8();
+    let got = decoded.as_raw();
+    if got.len() != reference.len() {
+        bail!("decoded size differs");
+    }
+    let mse = reference
+        .iter()
+        .zip(got)
+        .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+        .sum::<f64>()
+        / reference.len() as f64;
+    Ok(10.0 * (255.0f64 * 255.0 / mse.max(1e-9)).log10())
+}
+
+struct Row {
+    what: String,
+    ms: f64,
+    bytes: usize,
+    psnr: f64,
+}
+
+fn timed(what: String, rgb: &[u8], mut encode: impl FnMut() -> anyhow::Result<Vec<u8>>) -> anyhow::Result<Row> {
+    let jpeg = encode()?;
+    let started = Instant::now();
+    for _ in 0..ROUNDS {
+        encode()?;
+    }
+    Ok(Row {
+        what,
+        ms: started.elapsed().as_secs_f64() * 1000.0 / ROUNDS as f64,
+        bytes: jpeg.len(),
+        psnr: psnr(rgb, &jpeg)?,
+    })
+}
+
+fn mjpeg(yuv: &[u8], w: u32, h: u32, qscale: i32) -> anyhow::Result<Vec<u8>> {
+    let codec = ffmpeg::encoder::find(codec::Id::MJPEG).context("no MJPEG encoder")?;
+    let mut ctx = codec::context::Context::new_with_codec(codec)
+        .encoder()
+        .video()?;
+    ctx.set_width(w);
+    ctx.set_height(h);
+    ctx.set_format(Pixel::YUVJ420P);
+    ctx.set_time_base((1, 25));
+    ctx.set_flags(codec::Flags::QSCALE);
+    ctx.set_global_quality(qscale * ffmpeg::ffi::FF_QP2LAMBDA as i32);
+    let mut enc = ctx.open_as(codec)?;
+    let mut f = frame::Video::new(Pixel::YUVJ420P, w, h);
+    let (wu, hu) = (w as usize, h as usize);
+    let (cw, ch) = (wu.div_ceil(2), hu.div_ceil(2));
+    let planes = [(0, wu, hu, 0), (1, cw, ch, wu * hu), (2, cw, ch, wu * hu + cw * ch)];
+    for (i, pw, ph, off) in planes {
+        let stride = f.stride(i);
+        let data = f.data_mut(i);
+        for y in 0..ph {
+            data[y * stride..y * stride + pw].copy_from_slice(&yuv[off + y * pw..off + (y + 1) * pw]);
+        }
+    }
+    f.set_pts(Some(0));
+    enc.send_frame(&f)?;
+    enc.send_eof()?;
+    let mut pkt = Packet::empty();
+    enc.receive_packet(&mut pkt)?;
+    Ok(pkt.data().unwrap_or_default().to_vec())
+}
+
+pub fn bench_jpeg() -> anyhow::Result<String> {
+    crate::media::decode::init();
+    let mut md = format!(
+        "A part's figure: encoders alone on one 1280x720 `testsrc2` picture, {ROUNDS} rounds each, 1 thread; PSNR of the decoded JPEG against the source RGB.\n\n| size | encoder | input | ms per frame | bytes | PSNR |\n| --- | --- | --- | --- | --- | --- |\n"
+    );
+    for (w, h) in [(1280u32, 720u32), (768, 432)] {
+        let (rgb, yuv) = picture(w, h)?;
+        let (wu, hu) = (w as usize, h as usize);
+        let (cw, ch) = (wu.div_ceil(2), hu.div_ceil(2));
+        let mut rows = Vec::new();
+        rows.push(timed("`image` 0.25 (pure Rust), q85".into(), &rgb, || {
+            let mut out = Vec::new();
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85).encode(
+                &rgb,
+                w,
+                h,
+                image::ExtendedColorType::Rgb8,
+            )?;
+            Ok(out)
+        })?);
+        let mut tj = turbojpeg::Compressor::new()?;
+        tj.set_quality(85);
+        tj.set_subsamp(turbojpeg::Subsamp::Sub2x2);
+        rows.push(timed("libjpeg-turbo 2.1, q85, from packed RGB".into(), &rgb, || {
+            Ok(tj.compress_to_vec(turbojpeg::Image {
+                pixels: rgb.as_slice(),
+                width: wu,
+                pitch: wu * 3,
+                height: hu,
+                format: turbojpeg::PixelFormat::RGB,
+            })?)
+        })?);
+        let mut planes = JpegEncoder::new(85).map_err(anyhow::Error::msg)?;
+        rows.push(timed("libjpeg-turbo 2.1, q85, from 4:2:0 planes (**used**)".into(), &rgb, || {
+            planes
+                .encode(&Yuv420 {
+                    width: wu,
+                    height: hu,
+                    planes: [&yuv[..wu * hu], &yuv[wu * hu..wu * hu + cw * ch], &yuv[wu * hu + cw * ch..]],
+                    strides: [wu, cw, cw],
+                })
+                .map_err(anyhow::Error::msg)
+        })?);
+        // libavcodec's MJPEG at the qscale whose quality is closest to the others'.
+        for q in [2, 3, 4] {
+            rows.push(timed(format!("libavcodec MJPEG (FFmpeg 5.1), qscale {q}, from 4:2:0 planes"), &rgb, || {
+                mjpeg(&yuv, w, h, q)
+            })?);
+        }
+        for r in rows {
+            md.push_str(&format!(
+                "| {w}x{h} | {} | | {:.2} | {} | {:.1} dB |\n",
+                r.what, r.ms, r.bytes, r.psnr
+            ));
+        }
+    }
+    // What the pipeline adds before the encoder: swscale from the decoder's limited-range
+    // 4:2:0 at 1280x720 to full-range 4:2:0 at 768x432.
+    let (_, yuv) = picture(1280, 720)?;
+    let mut shaper = Shaper::new(FrameSpec {
+        size: FrameSize::LongestSide(768),
+        encoding: Encoding::Jpeg { quality: 85 },
+    });
+    let mut f = frame::Video::new(Pixel::YUVJ420P, 1280, 720);
+    let offsets = [(0usize, 1280usize, 720usize, 0usize), (1, 640, 360, 1280 * 720), (2, 640, 360, 1280 * 720 + 640 * 360)];
+    for (i, pw, ph, off) in offsets {
+        let stride = f.stride(i);
+        let data = f.data_mut(i);
+        for y in 0..ph {
+            data[y * stride..y * stride + pw].copy_from_slice(&yuv[off + y * pw..off + (y + 1) * pw]);
+        }
+    }
+    let started = Instant::now();
+    let mut bytes = 0;
+    for _ in 0..ROUNDS {
+        let out = shaper.shape(&Source::video(&f), 0).map_err(anyhow::Error::msg)?;
+        if let Picture::Jpeg(j) = out.picture {
+            bytes = j.len();
+        }
+    }
+    md.push_str(&format!(
+        "\nThe pipeline's whole shaping step (swscale 1280x720 → 768x432 bicubic, then libjpeg-turbo from the planes): {:.2} ms per frame, {bytes} bytes.\n",
+        started.elapsed().as_secs_f64() * 1000.0 / ROUNDS as f64
+    ));
+    Ok(md)
+}
