@@ -1,6 +1,13 @@
 //! The `free-roam` command: serve (default), migrate, or print `.env.example`.
 
 use clap::{Parser, Subcommand};
+
+/// mimalloc instead of glibc's malloc: request handling allocates small buffers from several
+/// threads at once, where glibc's arenas contended and consolidated (about a seventh of the
+/// CPU of result polling); it also returns freed frame buffers to the system more readily.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use free_roam::config::Settings;
 use free_roam::startup::Application;
 

@@ -54,7 +54,7 @@ impl Application {
                     settings.host, settings.port
                 )
             })?;
-        let state = AppState {
+        let state = AppState::new(api::Shared {
             rate_limits: api::middleware::RateLimits::new(&settings.rate_limit),
             settings,
             store,
@@ -63,7 +63,7 @@ impl Application {
             metrics: crate::telemetry::metrics_handle(),
             draining: Arc::new(AtomicBool::new(false)),
             started: Instant::now(),
-        };
+        });
         Ok(Self {
             listener,
             state,

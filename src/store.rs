@@ -381,12 +381,14 @@ impl Store {
         after: Option<i64>,
     ) -> Result<(Vec<JobRecord>, i64), StoreError> {
         let status = status.map(|s| s.as_str());
-        let rows = sqlx::query(select_jobs!(
-            "WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR list_seq < $2) ORDER BY list_seq DESC LIMIT $3"
+        let rows = sqlx::query(limited(
+            select_jobs!(
+                "WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR list_seq < $2) ORDER BY list_seq DESC"
+            ),
+            limit,
         ))
         .bind(status)
         .bind(after)
-        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         let total: i64 = sqlx::query("SELECT COUNT(*) FROM jobs WHERE ($1 IS NULL OR status = $1)")
@@ -587,13 +589,13 @@ impl Store {
         limit: i64,
     ) -> Result<(Vec<PromptVersion>, i64), StoreError> {
         let key = scope.key();
-        let rows = sqlx::query(
+        let rows = sqlx::query(limited(
             "SELECT version, prompt, created_at, \
              (SELECT MIN(created_at) FROM prompt_versions p2 WHERE p2.scope_key = $1) \
-             FROM prompt_versions WHERE scope_key = $1 ORDER BY version DESC LIMIT $2",
-        )
+             FROM prompt_versions WHERE scope_key = $1 ORDER BY version DESC",
+            limit,
+        ))
         .bind(&key)
-        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         let total: i64 = sqlx::query("SELECT COUNT(*) FROM prompt_versions WHERE scope_key = $1")
@@ -728,13 +730,13 @@ impl Store {
         if let Some(page) = cached {
             return Ok(page);
         }
-        let rows = sqlx::query(
+        let rows = sqlx::query(limited(
             "SELECT seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at \
-             FROM results WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-        )
+             FROM results WHERE job_id = $1 AND seq > $2 ORDER BY seq",
+            limit,
+        ))
         .bind(job_id)
         .bind(first - 1)
-        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -766,12 +768,13 @@ impl Store {
         job_id: &str,
         limit: i64,
     ) -> Result<Vec<Value>, StoreError> {
-        let rows =
-            sqlx::query("SELECT latency FROM results WHERE job_id = $1 ORDER BY seq DESC LIMIT $2")
-                .bind(job_id)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query(limited(
+            "SELECT latency FROM results WHERE job_id = $1 ORDER BY seq DESC",
+            limit,
+        ))
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
                 let text: String = r.try_get(0)?;
@@ -783,6 +786,14 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// `sql` with a `LIMIT` written as a literal. SQLite re-prepares a statement whose `LIMIT` is a
+/// bound parameter every time it is bound (its planner treats the value as a constant), so a
+/// bound limit costs a parse per query; an integer literal keeps one cached statement per
+/// limit value. The limit is an `i64`, never text from a request.
+fn limited(sql: &str, limit: i64) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(format!("{sql} LIMIT {}", limit.max(0)))
 }
 
 fn sqlite_dir(url: &str) -> Option<std::path::PathBuf> {

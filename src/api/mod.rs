@@ -32,9 +32,27 @@ use crate::store::Store;
 use crate::vlm::Models;
 use error::ApiError;
 
-/// Everything a handler may use.
+/// Everything a handler may use, behind one `Arc`: handlers and middleware clone the state
+/// for every request, and one reference count is cheaper than one per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The state's fields (see [`AppState`]).
+pub struct Shared {
     pub settings: Arc<Settings>,
     pub store: Store,
     pub jobs: JobManager,
