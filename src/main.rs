@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 
 /// mimalloc instead of glibc's malloc: request handling allocates small buffers from several
 /// threads at once, where glibc's arenas contended and consolidated (about a seventh of the
-/// CPU of result polling); it also returns freed frame buffers to the system more readily.
+/// CPU of result polling).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

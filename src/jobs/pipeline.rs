@@ -163,7 +163,9 @@ impl Pipeline {
             resume_after: progress.hls_last_seq,
         };
         let stop = self.cancel.child_token();
-        let (tx, mut rx) = mpsc::channel(2);
+        // One segment fetched ahead of the one decoding: enough to overlap fetch and decode,
+        // and each segment held costs the memory of its bytes.
+        let (tx, mut rx) = mpsc::channel(1);
         let source_task = tokio::spawn(source.run(tx, self.stats.clone(), stop.clone()));
         let mut decode = progress.decode.unwrap_or_default();
         let mut sampler = progress
