@@ -1,0 +1,242 @@
+//! Job rows: admission under MAX_CONCURRENT_STREAMS, lifecycle, stats and resume progress.
+
+use serde_json::Value;
+use sqlx::Row;
+
+use super::*;
+
+impl Store {
+    /// Inserts a pending job (and its own prompt as version 1 of its scope) unless the id is
+    /// taken or `max_active` jobs are already pending or running.
+    pub async fn create_job(
+        &self,
+        job: &NewJob,
+        max_active: usize,
+    ) -> Result<JobRecord, CreateJobError> {
+        let _guard = self.admission.lock().await;
+        let mut tx = self.begin_write().await?;
+        if self.dialect == Dialect::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock(7265746)")
+                .execute(&mut *tx)
+                .await?;
+        }
+        let active: i64 =
+            sqlx::query("SELECT COUNT(*) FROM jobs WHERE status IN ('pending', 'running')")
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
+        if active >= max_active as i64 {
+            return Err(CreateJobError::TooManyActive { active });
+        }
+        let exists = sqlx::query("SELECT 1 FROM jobs WHERE job_id = $1")
+            .bind(job.job_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_some() {
+            return Err(CreateJobError::Conflict);
+        }
+        let now = now_secs();
+        sqlx::query(
+            "INSERT INTO jobs (job_id, status, stream_ref, source_type, fps, model, priority, from_beginning, created_at) \
+             VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(job.job_id.as_str())
+        .bind(&job.stream_ref)
+        .bind(job.source_type.as_str())
+        .bind(job.fps)
+        .bind(job.model.clone())
+        .bind(job.priority.as_str())
+        .bind(i64::from(job.from_beginning))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if let Some(prompt) = &job.prompt {
+            sqlx::query("INSERT INTO prompt_versions (scope_key, version, prompt, created_at) VALUES ($1, 1, $2, $3)")
+                .bind(PromptScope::Job(job.job_id.clone()).key())
+                .bind(prompt)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        self.get_job(job.job_id.as_str())
+            .await
+            .map_err(CreateJobError::Store)?
+            .ok_or_else(|| {
+                CreateJobError::Store(StoreError::Corrupt("job vanished after insert".into()))
+            })
+    }
+
+    pub async fn get_job(&self, job_id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let row = sqlx::query(select_jobs!("WHERE job_id = $1"))
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| job_from_row(&r)).transpose()
+    }
+
+    /// Jobs newest first; `after` is a `next_after` cursor from an earlier page.
+    pub async fn list_jobs(
+        &self,
+        status: Option<JobStatus>,
+        limit: i64,
+        after: Option<i64>,
+    ) -> Result<(Vec<JobRecord>, i64), StoreError> {
+        let status = status.map(|s| s.as_str());
+        let rows = sqlx::query(limited(
+            select_jobs!(
+                "WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR list_seq < $2) ORDER BY list_seq DESC"
+            ),
+            limit,
+        ))
+        .bind(status)
+        .bind(after)
+        .fetch_all(&self.pool)
+        .await?;
+        let total: i64 = sqlx::query("SELECT COUNT(*) FROM jobs WHERE ($1 IS NULL OR status = $1)")
+            .bind(status)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        let jobs = rows.iter().map(job_from_row).collect::<Result<_, _>>()?;
+        Ok((jobs, total))
+    }
+
+    /// Jobs in one of `statuses`, oldest first: what a job manager resumes at start.
+    pub async fn jobs_with_status(
+        &self,
+        statuses: &[JobStatus],
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let mut out = Vec::new();
+        for status in statuses {
+            let rows = sqlx::query(select_jobs!("WHERE status = $1 ORDER BY list_seq"))
+                .bind(status.as_str())
+                .fetch_all(&self.pool)
+                .await?;
+            for row in &rows {
+                out.push(job_from_row(row)?);
+            }
+        }
+        out.sort_by_key(|j| j.list_seq);
+        Ok(out)
+    }
+
+    pub async fn count_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut counts: Vec<(JobStatus, i64)> = JobStatus::ALL.iter().map(|s| (*s, 0)).collect();
+        for row in rows {
+            let status: String = row.try_get(0)?;
+            let n: i64 = row.try_get(1)?;
+            if let Some(slot) = counts.iter_mut().find(|(s, _)| s.as_str() == status) {
+                slot.1 = n;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Moves an active job to `cancelled`; finished jobs are left as they are.
+    pub async fn cancel_job(&self, job_id: &str) -> Result<CancelOutcome, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE jobs SET status = 'cancelled', completed_at = $2 WHERE job_id = $1 AND status IN ('pending', 'running')",
+        )
+        .bind(job_id)
+        .bind(now_secs())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        let job = self.get_job(job_id).await?;
+        Ok(match (updated, job) {
+            (_, None) => CancelOutcome::NotFound,
+            (1, Some(job)) => CancelOutcome::Cancelled(Box::new(job)),
+            (_, Some(job)) => CancelOutcome::AlreadyFinished(job.status),
+        })
+    }
+
+    /// Marks an active job running (first start only sets `started_at`).
+    pub async fn mark_running(&self, job_id: &str) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, $2) \
+             WHERE job_id = $1 AND status IN ('pending', 'running')",
+        )
+        .bind(job_id)
+        .bind(now_secs())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Ends an active job as completed or failed; a job cancelled meanwhile stays cancelled.
+    pub async fn finish_job(
+        &self,
+        job_id: &str,
+        status: JobStatus,
+        error: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE jobs SET status = $2, error = $3, completed_at = $4 \
+             WHERE job_id = $1 AND status IN ('pending', 'running')",
+        )
+        .bind(job_id)
+        .bind(status.as_str())
+        .bind(error)
+        .bind(now_secs())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Saves a job's counters and resume progress (last segment, pending entries...).
+    pub async fn save_progress(
+        &self,
+        job_id: &str,
+        saved: &Saved<'_>,
+        progress: &Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE jobs SET frames_processed = $2, stats = $3, latency = $4, progress = $5 WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .bind(saved.frames_processed)
+        .bind(saved.stats.to_string())
+        .bind(saved.latency.to_string())
+        .bind(progress.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn save_stats(&self, job_id: &str, saved: &Saved<'_>) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE jobs SET frames_processed = $2, stats = $3, latency = $4 WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .bind(saved.frames_processed)
+        .bind(saved.stats.to_string())
+        .bind(saved.latency.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A job's status and result count: all a results page needs of the job.
+    pub async fn job_brief(&self, job_id: &str) -> Result<Option<JobBrief>, StoreError> {
+        let row = sqlx::query("SELECT list_seq, status, results_count FROM jobs WHERE job_id = $1")
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let status: String = r.try_get(1)?;
+            Ok(JobBrief {
+                list_seq: r.try_get(0)?,
+                status: JobStatus::parse(&status)
+                    .ok_or_else(|| StoreError::Corrupt(format!("job status {status:?}")))?,
+                results_count: r.try_get(2)?,
+            })
+        })
+        .transpose()
+    }
+}

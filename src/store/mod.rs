@@ -1,0 +1,369 @@
+//! Persistence: jobs, prompt versions and results, in SQLite (embedded default) or PostgreSQL.
+//!
+//! One code path serves both databases: sqlx's `Any` driver with runtime-checked queries
+//! (`$N` placeholders work on both), and one migration folder per backend with the same
+//! numbering (`migrations/sqlite`, `migrations/postgres`). Everything a restart needs lives
+//! here, never only in memory: a job's status, counters, stats and resume progress.
+//!
+//! This file holds the types, the pool and migrations; the queries live by table:
+//! [`jobs`], [`prompts`] and [`results`] (each an `impl Store` block).
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, Row};
+
+use crate::domain::{JobId, JobStatus, Priority, SourceType};
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration error: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+}
+
+/// Which SQL dialect the pool speaks; only transaction start and locking differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// Seconds since the Unix epoch, as the seed reports times.
+pub fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// A prompt's scope: the global prompt, or one job's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromptScope {
+    Global,
+    Job(JobId),
+}
+
+impl PromptScope {
+    fn key(&self) -> String {
+        match self {
+            PromptScope::Global => "global".to_owned(),
+            PromptScope::Job(id) => format!("job:{id}"),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            PromptScope::Global => "global",
+            PromptScope::Job(_) => "job",
+        }
+    }
+
+    pub fn job_id(&self) -> Option<&JobId> {
+        match self {
+            PromptScope::Global => None,
+            PromptScope::Job(id) => Some(id),
+        }
+    }
+}
+
+/// One immutable prompt version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptVersion {
+    pub scope: PromptScope,
+    pub version: i64,
+    pub prompt: String,
+    /// When this version was written.
+    pub created_at: f64,
+    /// When the scope's first version was written.
+    pub scope_created_at: f64,
+}
+
+/// What the API gives to create a job.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub job_id: JobId,
+    pub stream_ref: String,
+    pub source_type: SourceType,
+    pub fps: f64,
+    pub model: Option<String>,
+    pub priority: Priority,
+    pub from_beginning: bool,
+    pub prompt: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    pub list_seq: i64,
+    pub job_id: String,
+    pub status: JobStatus,
+    pub stream_ref: String,
+    pub source_type: String,
+    pub fps: f64,
+    pub model: Option<String>,
+    pub priority: Priority,
+    pub from_beginning: bool,
+    pub created_at: f64,
+    pub started_at: Option<f64>,
+    pub completed_at: Option<f64>,
+    pub frames_processed: i64,
+    pub results_count: i64,
+    pub error: Option<String>,
+    pub stats: Value,
+    pub progress: Value,
+    /// p50/p95/p99 per latency phase over the newest results, as the pipeline last saved it.
+    pub latency: Value,
+}
+
+#[derive(Debug)]
+pub enum CreateJobError {
+    /// The job id is taken.
+    Conflict,
+    /// MAX_CONCURRENT_STREAMS jobs are already pending or running.
+    TooManyActive {
+        active: i64,
+    },
+    Store(StoreError),
+}
+
+impl From<sqlx::Error> for CreateJobError {
+    fn from(e: sqlx::Error) -> Self {
+        CreateJobError::Store(e.into())
+    }
+}
+
+#[derive(Debug)]
+pub enum CancelOutcome {
+    Cancelled(Box<JobRecord>),
+    NotFound,
+    AlreadyFinished(JobStatus),
+}
+
+/// One stored model answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResultRecord {
+    pub seq: i64,
+    pub pts_ms: i64,
+    pub prompt_scope: String,
+    pub prompt_version: i64,
+    pub model: String,
+    pub output: Option<String>,
+    pub error: Option<String>,
+    pub batch_size: i64,
+    pub latency: Value,
+    pub created_at: f64,
+}
+
+/// A result the pipeline is about to store; `seq` is assigned by the store.
+#[derive(Debug, Clone)]
+pub struct NewResult {
+    pub pts_ms: i64,
+    pub prompt_scope: String,
+    pub prompt_version: i64,
+    pub model: String,
+    pub output: Result<String, String>,
+    pub batch_size: i64,
+    pub latency: Value,
+}
+
+/// `SELECT <every job column> FROM jobs <rest>`, as one literal.
+macro_rules! select_jobs {
+    ($rest:literal) => {
+        concat!(
+            "SELECT list_seq, job_id, status, stream_ref, source_type, fps, model, priority, from_beginning, ",
+            "created_at, started_at, completed_at, frames_processed, results_count, error, stats, progress, latency FROM jobs ",
+            $rest
+        )
+    };
+}
+
+/// Stored results never change, so rows read once are served from memory: keyed by the
+/// job's `list_seq` and the result's `seq`, bounded by an estimate of their bytes.
+type ResultCache = quick_cache::sync::Cache<(i64, i64), Arc<ResultRecord>, ResultWeight>;
+
+/// Bytes of result rows kept in memory for polling.
+const RESULT_CACHE_BYTES: u64 = 32 << 20;
+
+#[derive(Clone)]
+struct ResultWeight;
+
+impl quick_cache::Weighter<(i64, i64), Arc<ResultRecord>> for ResultWeight {
+    fn weight(&self, _: &(i64, i64), r: &Arc<ResultRecord>) -> u64 {
+        let text =
+            r.output.as_ref().map_or(0, String::len) + r.error.as_ref().map_or(0, String::len);
+        (256 + text + r.model.len() + r.prompt_scope.len()) as u64
+    }
+}
+
+/// A job as a results page needs it.
+#[derive(Debug, Clone)]
+pub struct JobBrief {
+    pub list_seq: i64,
+    pub status: JobStatus,
+    pub results_count: i64,
+}
+
+/// What a job's pipeline saves as it goes, besides its resume progress.
+pub struct Saved<'a> {
+    pub frames_processed: i64,
+    pub stats: &'a Value,
+    pub latency: &'a Value,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    dialect: Dialect,
+    /// Serialises job admission within one process; PostgreSQL also takes an advisory lock so
+    /// replicas sharing a database agree on MAX_CONCURRENT_STREAMS.
+    admission: Arc<tokio::sync::Mutex<()>>,
+    results_cache: Arc<ResultCache>,
+}
+
+impl Store {
+    /// Connects (creating a SQLite file and its folder if needed); does not migrate.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let dialect = if url.starts_with("sqlite:") {
+            if let Some(dir) = sqlite_dir(url) {
+                std::fs::create_dir_all(&dir).map_err(|e| {
+                    StoreError::Corrupt(format!(
+                        "cannot create database folder {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+            }
+            Dialect::Sqlite
+        } else {
+            Dialect::Postgres
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .connect(url)
+            .await?;
+        Ok(Self {
+            pool,
+            dialect,
+            admission: Default::default(),
+            results_cache: Arc::new(ResultCache::with_weighter(
+                100_000,
+                RESULT_CACHE_BYTES,
+                ResultWeight,
+            )),
+        })
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    fn migrator(&self) -> &'static Migrator {
+        match self.dialect {
+            Dialect::Sqlite => &SQLITE_MIGRATIONS,
+            Dialect::Postgres => &POSTGRES_MIGRATIONS,
+        }
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        self.migrator().run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The database answers a query.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Every migration this build knows of is applied.
+    pub async fn migrations_applied(&self) -> Result<bool, StoreError> {
+        let rows = sqlx::query("SELECT version FROM _sqlx_migrations WHERE success = TRUE")
+            .fetch_all(&self.pool)
+            .await?;
+        let applied: Vec<i64> = rows
+            .iter()
+            .map(|r| r.try_get::<i64, _>(0))
+            .collect::<Result<_, _>>()?;
+        Ok(self.migrator().iter().all(|m| applied.contains(&m.version)))
+    }
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.dialect {
+            // IMMEDIATE takes the write lock up front, so a read-then-write transaction waits
+            // for other writers instead of failing with "database is locked".
+            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Dialect::Postgres => self.pool.begin().await,
+        }
+    }
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// `sql` with a `LIMIT` written as a literal. SQLite re-prepares a statement whose `LIMIT` is a
+/// bound parameter every time it is bound (its planner treats the value as a constant), so a
+/// bound limit costs a parse per query; an integer literal keeps one cached statement per
+/// limit value. The limit is an `i64`, never text from a request.
+fn limited(sql: &str, limit: i64) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(format!("{sql} LIMIT {}", limit.max(0)))
+}
+
+fn sqlite_dir(url: &str) -> Option<std::path::PathBuf> {
+    let path = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
+    let path = path.split('?').next()?;
+    if path.is_empty() || path == ":memory:" {
+        return None;
+    }
+    std::path::Path::new(path)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(|p| p.to_owned())
+}
+
+fn job_from_row(r: &AnyRow) -> Result<JobRecord, StoreError> {
+    let status: String = r.try_get("status")?;
+    let priority: String = r.try_get("priority")?;
+    let stats: String = r.try_get("stats")?;
+    let progress: String = r.try_get("progress")?;
+    let latency: String = r.try_get("latency")?;
+    Ok(JobRecord {
+        list_seq: r.try_get("list_seq")?,
+        job_id: r.try_get("job_id")?,
+        status: JobStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("job status {status:?}")))?,
+        stream_ref: r.try_get("stream_ref")?,
+        source_type: r.try_get("source_type")?,
+        fps: r.try_get("fps")?,
+        model: r.try_get("model")?,
+        priority: Priority::parse(&priority)
+            .ok_or_else(|| StoreError::Corrupt(format!("job priority {priority:?}")))?,
+        from_beginning: r.try_get::<i64, _>("from_beginning")? != 0,
+        created_at: r.try_get("created_at")?,
+        started_at: r.try_get("started_at")?,
+        completed_at: r.try_get("completed_at")?,
+        frames_processed: r.try_get("frames_processed")?,
+        results_count: r.try_get("results_count")?,
+        error: r.try_get("error")?,
+        stats: serde_json::from_str(&stats).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        progress: serde_json::from_str(&progress)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        latency: serde_json::from_str(&latency).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+    })
+}
+
+// After `select_jobs!`, which they use (macros are in scope from their definition on).
+mod jobs;
+mod prompts;
+mod results;

@@ -1,0 +1,137 @@
+//! Prompt versions: append-only history per scope (global or one job), and the prompt in
+//! force for a job.
+
+use sqlx::Row;
+
+use super::*;
+
+impl Store {
+    /// Appends the next version in `scope`; versions rise by one and are never rewritten.
+    pub async fn append_prompt(
+        &self,
+        scope: &PromptScope,
+        prompt: &str,
+    ) -> Result<PromptVersion, StoreError> {
+        let key = scope.key();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let inserted = sqlx::query(
+                "INSERT INTO prompt_versions (scope_key, version, prompt, created_at) \
+                 SELECT $1, COALESCE(MAX(version), 0) + 1, $2, $3 FROM prompt_versions WHERE scope_key = $1",
+            )
+            .bind(&key)
+            .bind(prompt)
+            .bind(now_secs())
+            .execute(&self.pool)
+            .await;
+            match inserted {
+                Ok(_) => break,
+                // Two writers picked the same next version (PostgreSQL, concurrent updates):
+                // the primary key refused one; it tries again with the new maximum.
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() && attempt < 10 => {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.current_prompt(scope)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("prompt vanished after insert".into()))
+    }
+
+    /// The newest version in `scope`, if the scope has any.
+    pub async fn current_prompt(
+        &self,
+        scope: &PromptScope,
+    ) -> Result<Option<PromptVersion>, StoreError> {
+        Ok(self.prompt_history(scope, 1).await?.0.into_iter().next())
+    }
+
+    /// Newest first, at most `limit`, and how many versions the scope holds.
+    pub async fn prompt_history(
+        &self,
+        scope: &PromptScope,
+        limit: i64,
+    ) -> Result<(Vec<PromptVersion>, i64), StoreError> {
+        let key = scope.key();
+        let rows = sqlx::query(limited(
+            "SELECT version, prompt, created_at, \
+             (SELECT MIN(created_at) FROM prompt_versions p2 WHERE p2.scope_key = $1) \
+             FROM prompt_versions WHERE scope_key = $1 ORDER BY version DESC",
+            limit,
+        ))
+        .bind(&key)
+        .fetch_all(&self.pool)
+        .await?;
+        let total: i64 = sqlx::query("SELECT COUNT(*) FROM prompt_versions WHERE scope_key = $1")
+            .bind(&key)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        let versions = rows
+            .iter()
+            .map(|r| {
+                Ok(PromptVersion {
+                    scope: scope.clone(),
+                    version: r.try_get(0)?,
+                    prompt: r.try_get(1)?,
+                    created_at: r.try_get(2)?,
+                    scope_created_at: r.try_get(3)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()?;
+        Ok((versions, total))
+    }
+
+    /// The prompt a job uses now: its own newest version, else the newest global one.
+    pub async fn effective_prompt(
+        &self,
+        job_id: &JobId,
+    ) -> Result<Option<PromptVersion>, StoreError> {
+        // One query: the job's newest version if it has any, else the global newest.
+        let own = PromptScope::Job(job_id.clone()).key();
+        let row = sqlx::query(
+            "SELECT p.scope_key, p.version, p.prompt, p.created_at, \
+             (SELECT MIN(created_at) FROM prompt_versions p2 WHERE p2.scope_key = p.scope_key) \
+             FROM prompt_versions p WHERE p.scope_key IN ($1, 'global') \
+             ORDER BY CASE WHEN p.scope_key = 'global' THEN 1 ELSE 0 END, p.version DESC LIMIT 1",
+        )
+        .bind(&own)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            let key: String = r.try_get(0)?;
+            Ok(PromptVersion {
+                scope: if key == own {
+                    PromptScope::Job(job_id.clone())
+                } else {
+                    PromptScope::Global
+                },
+                version: r.try_get(1)?,
+                prompt: r.try_get(2)?,
+                created_at: r.try_get(3)?,
+                scope_created_at: r.try_get(4)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Writes global version 1 from DEFAULT_PROMPT if the global scope is empty.
+    pub async fn ensure_global_prompt(&self, default_prompt: &str) -> Result<(), StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO prompt_versions (scope_key, version, prompt, created_at) \
+             SELECT 'global', 1, $1, $2 WHERE NOT EXISTS (SELECT 1 FROM prompt_versions WHERE scope_key = 'global')",
+        )
+        .bind(default_prompt)
+        .bind(now_secs())
+        .execute(&self.pool)
+        .await;
+        match inserted {
+            Ok(_) => Ok(()),
+            // Another replica wrote it first.
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}

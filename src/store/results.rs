@@ -1,0 +1,121 @@
+//! Results: appended with contiguous seqs, read in pages (from memory when cached), and the
+//! newest latencies.
+
+use serde_json::Value;
+use sqlx::Row;
+
+use super::*;
+
+impl Store {
+    /// Stores one result with the job's next `seq` and bumps its `results_count`, atomically.
+    /// Results of a job are written by its one pipeline, so seqs are contiguous.
+    pub async fn append_result(&self, job_id: &str, result: &NewResult) -> Result<i64, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let seq: i64 = sqlx::query("SELECT results_count FROM jobs WHERE job_id = $1")
+            .bind(job_id)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        let (output, error) = match &result.output {
+            Ok(o) => (Some(o.as_str()), None),
+            Err(e) => (None, Some(e.as_str())),
+        };
+        sqlx::query(
+            "INSERT INTO results (job_id, seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(job_id)
+        .bind(seq)
+        .bind(result.pts_ms)
+        .bind(&result.prompt_scope)
+        .bind(result.prompt_version)
+        .bind(&result.model)
+        .bind(output)
+        .bind(error)
+        .bind(result.batch_size)
+        .bind(result.latency.to_string())
+        .bind(now_secs())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE jobs SET results_count = results_count + 1 WHERE job_id = $1")
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    /// Results of `job` with `seq > after`, in seq order, at most `limit`. Seqs below the
+    /// job's `results_count` are contiguous and immutable: a page within them is served from
+    /// memory when every row is there; a page past them is empty without a query.
+    pub async fn results(
+        &self,
+        job_id: &str,
+        job: &JobBrief,
+        after: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<Arc<ResultRecord>>, StoreError> {
+        let first = after.map_or(0, |a| a + 1);
+        let end = first.saturating_add(limit).min(job.results_count);
+        if end <= first {
+            return Ok(Vec::new());
+        }
+        let cached: Option<Vec<Arc<ResultRecord>>> = (first..end)
+            .map(|seq| self.results_cache.get(&(job.list_seq, seq)))
+            .collect();
+        if let Some(page) = cached {
+            return Ok(page);
+        }
+        let rows = sqlx::query(limited(
+            "SELECT seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at \
+             FROM results WHERE job_id = $1 AND seq > $2 ORDER BY seq",
+            limit,
+        ))
+        .bind(job_id)
+        .bind(first - 1)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let latency: String = r.try_get(8)?;
+                let record = Arc::new(ResultRecord {
+                    seq: r.try_get(0)?,
+                    pts_ms: r.try_get(1)?,
+                    prompt_scope: r.try_get(2)?,
+                    prompt_version: r.try_get(3)?,
+                    model: r.try_get(4)?,
+                    output: r.try_get(5)?,
+                    error: r.try_get(6)?,
+                    batch_size: r.try_get(7)?,
+                    latency: serde_json::from_str(&latency)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    created_at: r.try_get(9)?,
+                });
+                self.results_cache
+                    .insert((job.list_seq, record.seq), record.clone());
+                Ok(record)
+            })
+            .collect()
+    }
+
+    /// The `latency` of a job's newest results (at most `limit`), for percentiles.
+    pub async fn recent_latencies(
+        &self,
+        job_id: &str,
+        limit: i64,
+    ) -> Result<Vec<Value>, StoreError> {
+        let rows = sqlx::query(limited(
+            "SELECT latency FROM results WHERE job_id = $1 ORDER BY seq DESC",
+            limit,
+        ))
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let text: String = r.try_get(0)?;
+                serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
+            .collect()
+    }
+}
