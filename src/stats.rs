@@ -167,6 +167,10 @@ mod tests {
         assert_eq!(p["queue"]["p99"], 1090.0);
         assert_eq!(p["inference"]["p95"], 2100.0);
         assert_eq!(p["total"]["p50"], 1800.0);
-        assert!(LatencyWindow::default().percentiles().as_object().unwrap().is_empty());
+        assert!(LatencyWindow::default()
+            .percentiles()
+            .as_object()
+            .unwrap()
+            .is_empty());
     }
 }

@@ -63,7 +63,11 @@ struct Row {
     psnr: f64,
 }
 
-fn timed(what: String, luma: &[u8], mut encode: impl FnMut() -> anyhow::Result<Vec<u8>>) -> anyhow::Result<Row> {
+fn timed(
+    what: String,
+    luma: &[u8],
+    mut encode: impl FnMut() -> anyhow::Result<Vec<u8>>,
+) -> anyhow::Result<Row> {
     let jpeg = encode()?;
     let started = Instant::now();
     for _ in 0..ROUNDS {
@@ -75,6 +79,27 @@ fn timed(what: String, luma: &[u8], mut encode: impl FnMut() -> anyhow::Result<V
         bytes: jpeg.len(),
         psnr: psnr(luma, &jpeg)?,
     })
+}
+
+/// A full-range 4:2:0 video frame holding tightly packed planes `yuv`.
+fn yuv_frame(yuv: &[u8], w: u32, h: u32) -> frame::Video {
+    let mut f = frame::Video::new(Pixel::YUVJ420P, w, h);
+    let (wu, hu) = (w as usize, h as usize);
+    let (cw, ch) = (wu.div_ceil(2), hu.div_ceil(2));
+    let planes = [
+        (0, wu, hu, 0),
+        (1, cw, ch, wu * hu),
+        (2, cw, ch, wu * hu + cw * ch),
+    ];
+    for (i, pw, ph, off) in planes {
+        let stride = f.stride(i);
+        let data = f.data_mut(i);
+        for y in 0..ph {
+            data[y * stride..y * stride + pw]
+                .copy_from_slice(&yuv[off + y * pw..off + (y + 1) * pw]);
+        }
+    }
+    f
 }
 
 fn mjpeg(yuv: &[u8], w: u32, h: u32, qscale: i32) -> anyhow::Result<Vec<u8>> {
@@ -89,17 +114,7 @@ fn mjpeg(yuv: &[u8], w: u32, h: u32, qscale: i32) -> anyhow::Result<Vec<u8>> {
     ctx.set_flags(codec::Flags::QSCALE);
     ctx.set_global_quality(qscale * ffmpeg::ffi::FF_QP2LAMBDA as i32);
     let mut enc = ctx.open_as(codec)?;
-    let mut f = frame::Video::new(Pixel::YUVJ420P, w, h);
-    let (wu, hu) = (w as usize, h as usize);
-    let (cw, ch) = (wu.div_ceil(2), hu.div_ceil(2));
-    let planes = [(0, wu, hu, 0), (1, cw, ch, wu * hu), (2, cw, ch, wu * hu + cw * ch)];
-    for (i, pw, ph, off) in planes {
-        let stride = f.stride(i);
-        let data = f.data_mut(i);
-        for y in 0..ph {
-            data[y * stride..y * stride + pw].copy_from_slice(&yuv[off + y * pw..off + (y + 1) * pw]);
-        }
-    }
+    let mut f = yuv_frame(yuv, w, h);
     f.set_pts(Some(0));
     // MJPEG takes its quantiser from the frame (as the CLI's -q:v sets it).
     // SAFETY: a plain field of the frame we own.
@@ -135,31 +150,45 @@ pub fn bench_jpeg() -> anyhow::Result<String> {
         let mut tj = turbojpeg::Compressor::new()?;
         tj.set_quality(85);
         tj.set_subsamp(turbojpeg::Subsamp::Sub2x2);
-        rows.push(timed("libjpeg-turbo 2.1, q85, from packed RGB".into(), luma, || {
-            Ok(tj.compress_to_vec(turbojpeg::Image {
-                pixels: rgb.as_slice(),
-                width: wu,
-                pitch: wu * 3,
-                height: hu,
-                format: turbojpeg::PixelFormat::RGB,
-            })?)
-        })?);
-        let mut planes = JpegEncoder::new(85).map_err(anyhow::Error::msg)?;
-        rows.push(timed("libjpeg-turbo 2.1, q85, from 4:2:0 planes (**used**)".into(), luma, || {
-            planes
-                .encode(&Yuv420 {
+        rows.push(timed(
+            "libjpeg-turbo 2.1, q85, from packed RGB".into(),
+            luma,
+            || {
+                Ok(tj.compress_to_vec(turbojpeg::Image {
+                    pixels: rgb.as_slice(),
                     width: wu,
+                    pitch: wu * 3,
                     height: hu,
-                    planes: [&yuv[..wu * hu], &yuv[wu * hu..wu * hu + cw * ch], &yuv[wu * hu + cw * ch..]],
-                    strides: [wu, cw, cw],
-                })
-                .map_err(anyhow::Error::msg)
-        })?);
+                    format: turbojpeg::PixelFormat::RGB,
+                })?)
+            },
+        )?);
+        let mut planes = JpegEncoder::new(85).map_err(anyhow::Error::msg)?;
+        rows.push(timed(
+            "libjpeg-turbo 2.1, q85, from 4:2:0 planes (**used**)".into(),
+            luma,
+            || {
+                planes
+                    .encode(&Yuv420 {
+                        width: wu,
+                        height: hu,
+                        planes: [
+                            &yuv[..wu * hu],
+                            &yuv[wu * hu..wu * hu + cw * ch],
+                            &yuv[wu * hu + cw * ch..],
+                        ],
+                        strides: [wu, cw, cw],
+                    })
+                    .map_err(anyhow::Error::msg)
+            },
+        )?);
         // libavcodec's MJPEG at the qscale whose quality is closest to the others'.
         for q in [2, 3, 4] {
-            rows.push(timed(format!("libavcodec MJPEG (FFmpeg 5.1), qscale {q}, from 4:2:0 planes"), luma, || {
-                mjpeg(&yuv, w, h, q)
-            })?);
+            rows.push(timed(
+                format!("libavcodec MJPEG (FFmpeg 5.1), qscale {q}, from 4:2:0 planes"),
+                luma,
+                || mjpeg(&yuv, w, h, q),
+            )?);
         }
         for r in rows {
             md.push_str(&format!(
@@ -175,19 +204,13 @@ pub fn bench_jpeg() -> anyhow::Result<String> {
         size: FrameSize::LongestSide(768),
         encoding: Encoding::Jpeg { quality: 85 },
     });
-    let mut f = frame::Video::new(Pixel::YUVJ420P, 1280, 720);
-    let offsets = [(0usize, 1280usize, 720usize, 0usize), (1, 640, 360, 1280 * 720), (2, 640, 360, 1280 * 720 + 640 * 360)];
-    for (i, pw, ph, off) in offsets {
-        let stride = f.stride(i);
-        let data = f.data_mut(i);
-        for y in 0..ph {
-            data[y * stride..y * stride + pw].copy_from_slice(&yuv[off + y * pw..off + (y + 1) * pw]);
-        }
-    }
+    let f = yuv_frame(&yuv, 1280, 720);
     let started = Instant::now();
     let mut bytes = 0;
     for _ in 0..ROUNDS {
-        let out = shaper.shape(&Source::video(&f), 0).map_err(anyhow::Error::msg)?;
+        let out = shaper
+            .shape(&Source::video(&f), 0)
+            .map_err(anyhow::Error::msg)?;
         if let Picture::Jpeg(j) = out.picture {
             bytes = j.len();
         }

@@ -91,7 +91,10 @@ async fn vod_index(State(o): State<Arc<Origin>>) -> impl IntoResponse {
     o.vod_playlist.clone()
 }
 
-async fn vod_segment(State(o): State<Arc<Origin>>, UrlPath(name): UrlPath<String>) -> impl IntoResponse {
+async fn vod_segment(
+    State(o): State<Arc<Origin>>,
+    UrlPath(name): UrlPath<String>,
+) -> impl IntoResponse {
     let k: Option<usize> = name
         .strip_prefix("seg")
         .and_then(|n| n.strip_suffix(".ts"))
@@ -102,7 +105,10 @@ async fn vod_segment(State(o): State<Arc<Origin>>, UrlPath(name): UrlPath<String
     }
 }
 
-async fn live_playlist(State(o): State<Arc<Origin>>, UrlPath(n): UrlPath<u64>) -> impl IntoResponse {
+async fn live_playlist(
+    State(o): State<Arc<Origin>>,
+    UrlPath(n): UrlPath<u64>,
+) -> impl IntoResponse {
     let (listed, _) = o.live_listed(n);
     let first = listed.saturating_sub(WINDOW);
     let count = o.segments.len() as u64;
@@ -126,12 +132,7 @@ async fn live_segment(
     let Some(k) = name.strip_suffix(".ts").and_then(|k| k.parse::<u64>().ok()) else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    if let Some(l) = o
-        .live
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get_mut(&n)
-    {
+    if let Some(l) = o.live.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&n) {
         l.first_fetched.get_or_insert(k);
     }
     let b = o.segments[(k % o.segments.len() as u64) as usize].clone();
@@ -154,7 +155,9 @@ async fn completions(State(m): State<Arc<ModelServer>>, body: Bytes) -> impl Int
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    axum::Json(json!({"choices": [{"message": {"role": "assistant", "content": "a test pattern"}}]}))
+    axum::Json(
+        json!({"choices": [{"message": {"role": "assistant", "content": "a test pattern"}}]}),
+    )
 }
 
 async fn serve(router: Router) -> anyhow::Result<SocketAddr> {
@@ -181,7 +184,9 @@ impl Drop for Service {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 impl Service {
@@ -198,7 +203,10 @@ impl Service {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("PORT", port.to_string())
             .env("HOST", "127.0.0.1")
-            .env("DATABASE_URL", format!("sqlite://{}?mode=rwc", db.display()))
+            .env(
+                "DATABASE_URL",
+                format!("sqlite://{}?mode=rwc", db.display()),
+            )
             .env("MODEL_TYPE", "openai")
             .env("OPENAI_BASE_URL", format!("http://{model}/v1"))
             .env("OPENAI_MODEL", "stand-in")
@@ -218,7 +226,12 @@ impl Service {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = svc.http.get(format!("{}/health/ready", svc.base)).send().await {
+            if let Ok(r) = svc
+                .http
+                .get(format!("{}/health/ready", svc.base))
+                .send()
+                .await
+            {
                 if r.status().is_success() {
                     return Ok(svc);
                 }
@@ -422,7 +435,8 @@ async fn live_run(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let before: Vec<Value> = futures::future::try_join_all(jobs.iter().map(|(_, j)| svc.status(j))).await?;
+    let before: Vec<Value> =
+        futures::future::try_join_all(jobs.iter().map(|(_, j)| svc.status(j))).await?;
     let cpu0 = svc.cpu()?;
     let own0 = super::cpu(libc::RUSAGE_SELF);
     let wall = Instant::now();
@@ -437,7 +451,8 @@ async fn live_run(
         }
     }
     let cores = (svc.cpu()? - cpu0).as_secs_f64() / wall.elapsed().as_secs_f64();
-    let harness = (super::cpu(libc::RUSAGE_SELF) - own0).as_secs_f64() / wall.elapsed().as_secs_f64();
+    let harness =
+        (super::cpu(libc::RUSAGE_SELF) - own0).as_secs_f64() / wall.elapsed().as_secs_f64();
     let measured_from = epoch() - wall.elapsed().as_secs_f64();
     let mut dropped = 0;
     let mut missed = 0;
@@ -516,7 +531,10 @@ pub async fn bench_service(dir: &Path, opts: Options) -> anyhow::Result<String> 
     let model_addr = serve(
         Router::new()
             .route("/v1/chat/completions", post(completions))
-            .route("/v1/models", get(|| async { axum::Json(json!({"data": [{"id": "stand-in"}]})) }))
+            .route(
+                "/v1/models",
+                get(|| async { axum::Json(json!({"data": [{"id": "stand-in"}]})) }),
+            )
             .with_state(model.clone()),
     )
     .await?;
@@ -558,7 +576,16 @@ pub async fn bench_service(dir: &Path, opts: Options) -> anyhow::Result<String> 
             .current_dir(&dir)
             .args(["-hide_banner", "-loglevel", "error"])
             .args(["-threads", "1", "-i", "index.m3u8"])
-            .args(["-vf", "fps=2", "-f", "rawvideo", "-pix_fmt", "rgb24", "-y", "/dev/null"])
+            .args([
+                "-vf",
+                "fps=2",
+                "-f",
+                "rawvideo",
+                "-pix_fmt",
+                "rgb24",
+                "-y",
+                "/dev/null",
+            ])
             .status()?;
         if !status.success() {
             bail!("ffmpeg CLI run failed");
@@ -576,9 +603,15 @@ pub async fn bench_service(dir: &Path, opts: Options) -> anyhow::Result<String> 
     let results_url = format!("{}/api/v1/inference/results/{vod_job}?limit=20", svc.base);
     let status_url = format!("{}/api/v1/inference/status/{vod_job}", svc.base);
     let polling = [
-        ("`GET /api/v1/inference/results/{id}?limit=20`", wrk(&results_url)),
+        (
+            "`GET /api/v1/inference/results/{id}?limit=20`",
+            wrk(&results_url),
+        ),
         ("`GET /api/v1/inference/status/{id}`", wrk(&status_url)),
-        ("`GET /health/live` (no store: HTTP alone)", wrk(&format!("{}/health/live", svc.base))),
+        (
+            "`GET /health/live` (no store: HTTP alone)",
+            wrk(&format!("{}/health/live", svc.base)),
+        ),
     ];
     drop(svc);
 
@@ -656,7 +689,12 @@ pub async fn bench_service(dir: &Path, opts: Options) -> anyhow::Result<String> 
             r.results
         ));
     }
-    let best = runs.iter().filter(|r| r.held).map(|r| r.streams).max().unwrap_or(0);
+    let best = runs
+        .iter()
+        .filter(|r| r.held)
+        .map(|r| r.streams)
+        .max()
+        .unwrap_or(0);
     md.push_str(&format!(
         "\nLargest count held for {} s (no frame dropped, no segment missed, live lag under two target durations): **{best}** streams.\n\n",
         opts.live_seconds

@@ -283,7 +283,10 @@ pub async fn bench_model(dir: &Path) -> anyhow::Result<String> {
     backend.check().await.map_err(anyhow::Error::msg)?;
     let model = backend.default_name().to_owned();
     // A 1280x720 picture shaped as the pipeline shapes it for this model.
-    let spec = backend.frame_spec(&model).await.map_err(anyhow::Error::msg)?;
+    let spec = backend
+        .frame_spec(&model)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let rgb: Vec<u8> = (0..1280 * 720 * 3).map(|i| (i % 251) as u8).collect();
     let frame: Arc<Frame> = Arc::new(
         crate::media::shape::Shaper::new(spec)

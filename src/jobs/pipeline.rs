@@ -29,8 +29,8 @@ use crate::media::sampler::Sampler;
 use crate::media::shape::Shaper;
 use crate::media::{Frame, FrameSpec, Still};
 use crate::retry::Backoff;
-use crate::stats::Stats;
 use crate::stats::LatencyWindow;
+use crate::stats::Stats;
 use crate::store::{JobRecord, NewResult, Saved, Store};
 
 /// How a pipeline ended.
@@ -571,4 +571,3 @@ impl Writer {
 fn frames_processed(s: &crate::stats::StatsSnapshot) -> i64 {
     (s.frames_decoded + s.entries_read) as i64
 }
-

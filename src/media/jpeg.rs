@@ -62,13 +62,19 @@ impl JpegEncoder {
         ];
         for (plane, (stride, pw, ph)) in pic.planes.iter().zip(needs) {
             if w <= 0 || h <= 0 || stride < pw || plane.len() < stride * (ph - 1) + pw {
-                return Err(format!("jpeg: a {}x{} picture has a short plane", pic.width, pic.height));
+                return Err(format!(
+                    "jpeg: a {}x{} picture has a short plane",
+                    pic.width, pic.height
+                ));
             }
         }
         // SAFETY: pure function of its arguments.
         let bound = unsafe { raw::tjBufSize(w, h, raw::TJSAMP_TJSAMP_420 as i32) };
         if bound == u64::MAX as libc::c_ulong || bound == 0 {
-            return Err(format!("jpeg: {}x{} is out of range", pic.width, pic.height));
+            return Err(format!(
+                "jpeg: {}x{} is out of range",
+                pic.width, pic.height
+            ));
         }
         self.buf.resize(bound as usize, 0);
         let mut planes = pic.planes.map(<[u8]>::as_ptr);

@@ -100,7 +100,10 @@ impl Frame {
                     size: FrameSize::AsDecoded,
                     encoding: Encoding::Jpeg { quality },
                 });
-                let f = shaper.shape(&shape::Source::rgb(rgb, self.width, self.height), self.pts_ms)?;
+                let f = shaper.shape(
+                    &shape::Source::rgb(rgb, self.width, self.height),
+                    self.pts_ms,
+                )?;
                 match f.picture {
                     Picture::Jpeg(j) => Ok(std::borrow::Cow::Owned(j)),
                     Picture::Rgb(_) => Err("jpeg encoding gave no JPEG".into()),
@@ -125,7 +128,9 @@ impl<'a> Still<'a> {
             .with_guessed_format()
             .map_err(|e| format!("unreadable image: {e}"))?;
         let format = match reader.format() {
-            Some(f @ (image::ImageFormat::Jpeg | image::ImageFormat::Png | image::ImageFormat::WebP)) => f,
+            Some(
+                f @ (image::ImageFormat::Jpeg | image::ImageFormat::Png | image::ImageFormat::WebP),
+            ) => f,
             _ => return Err("frame is not a JPEG, PNG or WebP image".into()),
         };
         let (width, height) = reader
@@ -163,6 +168,9 @@ impl<'a> Still<'a> {
         let rgb = image::load_from_memory_with_format(self.bytes, self.format)
             .map_err(|e| format!("undecodable image: {e}"))?
             .to_rgb8();
-        shaper.shape(&shape::Source::rgb(rgb.as_raw(), rgb.width(), rgb.height()), pts_ms)
+        shaper.shape(
+            &shape::Source::rgb(rgb.as_raw(), rgb.width(), rgb.height()),
+            pts_ms,
+        )
     }
 }

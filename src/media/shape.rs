@@ -383,7 +383,14 @@ mod tests {
         assert_eq!(target_size(s(0), 1280, 720), (1280, 720));
         assert_eq!(target_size(s(2), 1000, 1), (2, 1));
         assert_eq!(
-            target_size(FrameSize::Exact { width: 224, height: 224 }, 1280, 720),
+            target_size(
+                FrameSize::Exact {
+                    width: 224,
+                    height: 224
+                },
+                1280,
+                720
+            ),
             (224, 224)
         );
     }
@@ -395,13 +402,18 @@ mod tests {
     #[test]
     fn rgb_to_exact_rgb_keeps_a_flat_colour() {
         let mut shaper = Shaper::new(FrameSpec {
-            size: FrameSize::Exact { width: 16, height: 16 },
+            size: FrameSize::Exact {
+                width: 16,
+                height: 16,
+            },
             encoding: Encoding::Rgb,
         });
         let rgb = gray_rgb(37, 21, 200);
         let f = shaper.shape(&Source::rgb(&rgb, 37, 21), 5).unwrap();
         assert_eq!((f.width, f.height, f.pts_ms), (16, 16, 5));
-        let Picture::Rgb(px) = &f.picture else { panic!() };
+        let Picture::Rgb(px) = &f.picture else {
+            panic!()
+        };
         assert_eq!(px.len(), 16 * 16 * 3);
         assert!(px.iter().all(|&v| (i32::from(v) - 200).abs() <= 1));
     }
@@ -415,10 +427,14 @@ mod tests {
         let rgb = gray_rgb(201, 99, 60);
         let f = shaper.shape(&Source::rgb(&rgb, 201, 99), 0).unwrap();
         assert_eq!((f.width, f.height), (64, 32));
-        let Picture::Jpeg(j) = &f.picture else { panic!() };
+        let Picture::Jpeg(j) = &f.picture else {
+            panic!()
+        };
         let img = image::load_from_memory(j).unwrap().to_rgb8();
         assert_eq!(img.dimensions(), (64, 32));
-        assert!(img.pixels().all(|p| p.0.iter().all(|&v| (i32::from(v) - 60).abs() <= 2)));
+        assert!(img
+            .pixels()
+            .all(|p| p.0.iter().all(|&v| (i32::from(v) - 60).abs() <= 2)));
     }
 
     #[test]
@@ -464,7 +480,10 @@ mod range_tests {
                     .shape(&Source::video(&flat_yuv(Pixel::YUV420P, 64, 64, 235)), 0)
                     .unwrap();
                 let (b, w) = (mean_rgb_of(&black), mean_rgb_of(&white));
-                assert!(b < 2.0 && w > 253.0, "{size:?} {encoding:?}: black {b}, white {w}");
+                assert!(
+                    b < 2.0 && w > 253.0,
+                    "{size:?} {encoding:?}: black {b}, white {w}"
+                );
                 // Full-range input stays as it is.
                 let full = shaper
                     .shape(&Source::video(&flat_yuv(Pixel::YUVJ420P, 64, 64, 16)), 0)

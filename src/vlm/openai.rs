@@ -15,8 +15,8 @@ use tokio::sync::Semaphore;
 use url::Url;
 
 use super::{Backend, InferOutput, InferRequest};
-use crate::media::{Encoding, FrameSize, FrameSpec};
 use crate::config::OpenAiSettings;
+use crate::media::{Encoding, FrameSize, FrameSpec};
 use crate::retry::Backoff;
 
 pub struct OpenAiBackend {

@@ -69,7 +69,9 @@ pub fn make_hls(
     container: Container,
     segment_s: f64,
 ) -> PathBuf {
-    make_hls_as(dir, name, seconds, width, height, container, segment_s, "yuv420p")
+    make_hls_as(
+        dir, name, seconds, width, height, container, segment_s, "yuv420p",
+    )
 }
 
 /// [`make_hls`] in another pixel format (`yuv444p`, `yuv420p10le`, `yuvj420p`...): the same
@@ -87,7 +89,11 @@ pub fn make_hls_as(
 ) -> PathBuf {
     let out = dir.join(name);
     std::fs::create_dir_all(&out).unwrap();
-    let range = if pix_fmt.starts_with("yuvj") { "full" } else { "tv" };
+    let range = if pix_fmt.starts_with("yuvj") {
+        "full"
+    } else {
+        "tv"
+    };
     let filter = format!(
         "color=c=black:s={width}x{height}:r=30:d={seconds},geq=lum='16+T*{LUMA_PER_SECOND}':cb=128:cr=128,\
          format=yuv444p,scale=out_range={range},format={pix_fmt}"

@@ -15,7 +15,12 @@ use crate::helpers::{pairs, Db, TestApp};
 
 const LONG: Duration = Duration::from_secs(60);
 
-async fn vod_results(origin: &Origin, path: &str, model: &ModelServer, env: &[(&str, &str)]) -> Vec<Value> {
+async fn vod_results(
+    origin: &Origin,
+    path: &str,
+    model: &ModelServer,
+    env: &[(&str, &str)],
+) -> Vec<Value> {
     let owned = model.env();
     let mut all = pairs(&owned);
     all.extend_from_slice(env);
@@ -35,18 +40,44 @@ async fn frames_are_sent_at_frame_max_side_and_show_their_pts() {
     let origin = Origin::start(dir.path()).await;
 
     let model = ModelServer::start().await;
-    let results = vod_results(&origin, "wide/index.m3u8", &model, &[("FRAME_MAX_SIDE", "320")]).await;
-    assert_eq!(pts_of(&results), (0..6).map(|i| i * 500).collect::<Vec<_>>());
+    let results = vod_results(
+        &origin,
+        "wide/index.m3u8",
+        &model,
+        &[("FRAME_MAX_SIDE", "320")],
+    )
+    .await;
+    assert_eq!(
+        pts_of(&results),
+        (0..6).map(|i| i * 500).collect::<Vec<_>>()
+    );
     assert_right_frames(&results, 80.0);
     let asked = model.asked();
     assert_eq!(asked.len(), 6);
-    assert!(asked.iter().all(|a| (a.width, a.height) == (320, 180)), "{:?}", sizes(&model));
+    assert!(
+        asked.iter().all(|a| (a.width, a.height) == (320, 180)),
+        "{:?}",
+        sizes(&model)
+    );
 
     // 0 sends frames as decoded.
     let model = ModelServer::start().await;
-    let results = vod_results(&origin, "wide/index.m3u8", &model, &[("FRAME_MAX_SIDE", "0")]).await;
+    let results = vod_results(
+        &origin,
+        "wide/index.m3u8",
+        &model,
+        &[("FRAME_MAX_SIDE", "0")],
+    )
+    .await;
     assert_right_frames(&results, 80.0);
-    assert!(model.asked().iter().all(|a| (a.width, a.height) == (640, 360)), "{:?}", sizes(&model));
+    assert!(
+        model
+            .asked()
+            .iter()
+            .all(|a| (a.width, a.height) == (640, 360)),
+        "{:?}",
+        sizes(&model)
+    );
 }
 
 fn sizes(model: &ModelServer) -> Vec<(u32, u32)> {
@@ -71,7 +102,10 @@ async fn unusual_pixel_formats_and_odd_sizes_reach_the_model_converted() {
         let model = ModelServer::start().await;
         let results = vod_results(&origin, &format!("{pix_fmt}/index.m3u8"), &model, &[]).await;
         assert_eq!(results.len(), 4, "{pix_fmt}: {results:?}");
-        assert!(results.iter().all(|r| r["error"].is_null()), "{pix_fmt}: {results:?}");
+        assert!(
+            results.iter().all(|r| r["error"].is_null()),
+            "{pix_fmt}: {results:?}"
+        );
         // The brightness the model sees is the stream's own: range and bit depth converted.
         assert_right_frames(&results, 80.0);
         assert!(
@@ -107,7 +141,14 @@ async fn redis_jpegs_that_fit_go_as_they_came_and_the_rest_are_shaped() {
     ];
     for (ts, frame) in &entries {
         let _: String = c
-            .xadd(&key, "*", &[("frame", frame.clone()), ("ts_ms", ts.to_string().into_bytes())])
+            .xadd(
+                &key,
+                "*",
+                &[
+                    ("frame", frame.clone()),
+                    ("ts_ms", ts.to_string().into_bytes()),
+                ],
+            )
             .await
             .unwrap();
     }
@@ -127,7 +168,10 @@ async fn redis_jpegs_that_fit_go_as_they_came_and_the_rest_are_shaped() {
     let asked = model.asked();
     assert_eq!(asked.len(), 3);
     let as_came = asked.iter().filter(|a| a.jpeg == small).count();
-    assert_eq!(as_came, 1, "a JPEG within FRAME_MAX_SIDE is sent byte for byte");
+    assert_eq!(
+        as_came, 1,
+        "a JPEG within FRAME_MAX_SIDE is sent byte for byte"
+    );
     let mut sizes: Vec<(u32, u32)> = asked.iter().map(|a| (a.width, a.height)).collect();
     sizes.sort_unstable();
     // The PNG went as a JPEG of its size; the oversized JPEG was scaled.

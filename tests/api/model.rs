@@ -162,7 +162,10 @@ async fn two_jobs_on_two_models_at_once() {
     let s3 = app.wait_status(&j3, &["completed", "failed"], LONG).await;
     assert_eq!(s3["status"], "failed", "{s3}");
     let why = s3["error"].as_str().unwrap_or_default();
-    assert!(why.contains("unknown model") && why.contains("tiny-b"), "{s3}");
+    assert!(
+        why.contains("unknown model") && why.contains("tiny-b"),
+        "{s3}"
+    );
     assert!(app.all_results(&j3).await.is_empty());
     let s = app
         .get(&format!("/api/v1/inference/status/{j1}"))

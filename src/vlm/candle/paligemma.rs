@@ -232,14 +232,19 @@ impl PaliGemma {
             } else {
                 let img = image::RgbImage::from_raw(f.width, f.height, rgb.into_owned())
                     .ok_or("frame buffer has the wrong size")?;
-                resized = image::imageops::resize(&img, s, s, image::imageops::FilterType::CatmullRom);
+                resized =
+                    image::imageops::resize(&img, s, s, image::imageops::FilterType::CatmullRom);
                 resized.as_raw()
             };
             if pixels.len() != (s * s * 3) as usize {
                 return Err("frame buffer has the wrong size".into());
             }
             for c in 0..3 {
-                data.extend(pixels.chunks_exact(3).map(|p| f32::from(p[c]) / 127.5 - 1.0));
+                data.extend(
+                    pixels
+                        .chunks_exact(3)
+                        .map(|p| f32::from(p[c]) / 127.5 - 1.0),
+                );
             }
         }
         Tensor::from_vec(
