@@ -112,13 +112,13 @@ fn mjpeg(yuv: &[u8], w: u32, h: u32, qscale: i32) -> anyhow::Result<Vec<u8>> {
     ctx.set_format(Pixel::YUVJ420P);
     ctx.set_time_base((1, 25));
     ctx.set_flags(codec::Flags::QSCALE);
-    ctx.set_global_quality(qscale * ffmpeg::ffi::FF_QP2LAMBDA as i32);
+    ctx.set_global_quality(qscale * ffmpeg::ffi::FF_QP2LAMBDA);
     let mut enc = ctx.open_as(codec)?;
     let mut f = yuv_frame(yuv, w, h);
     f.set_pts(Some(0));
     // MJPEG takes its quantiser from the frame (as the CLI's -q:v sets it).
     // SAFETY: a plain field of the frame we own.
-    unsafe { (*f.as_mut_ptr()).quality = qscale * ffmpeg::ffi::FF_QP2LAMBDA as i32 };
+    unsafe { (*f.as_mut_ptr()).quality = qscale * ffmpeg::ffi::FF_QP2LAMBDA };
     enc.send_frame(&f)?;
     enc.send_eof()?;
     let mut pkt = Packet::empty();

@@ -143,7 +143,7 @@ impl Sws {
                 key.dw as i32,
                 key.dh as i32,
                 key.dst.into(),
-                flags as i32,
+                flags,
                 ptr::null_mut(),
                 ptr::null_mut(),
                 param.as_ptr(),
@@ -170,9 +170,9 @@ impl Sws {
         unsafe {
             ffi::sws_setColorspaceDetails(
                 sws.ctx,
-                ffi::sws_getCoefficients(matrix as i32),
+                ffi::sws_getCoefficients(matrix),
                 i32::from(key.full_range),
-                ffi::sws_getCoefficients(ffi::SWS_CS_ITU601 as i32),
+                ffi::sws_getCoefficients(ffi::SWS_CS_ITU601),
                 i32::from(yuv_out),
                 0,
                 1 << 16,
