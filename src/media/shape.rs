@@ -469,6 +469,29 @@ mod range_tests {
     }
 
     #[test]
+    fn a_bt709_stream_is_converted_with_its_own_matrix() {
+        // Y=126, Cb=Cr=128 is mid-grey in any matrix; pure chroma tells the matrices apart:
+        // limited-range BT.709 red (Y 63, Cb 102, Cr 240) must come out red, not orange-pink.
+        for encoding in [Encoding::Jpeg { quality: 95 }, Encoding::Rgb] {
+            let mut shaper = Shaper::new(FrameSpec {
+                size: FrameSize::LongestSide(32),
+                encoding,
+            });
+            let mut red = flat_yuv(Pixel::YUV420P, 64, 64, 63);
+            red.data_mut(1).fill(102);
+            red.data_mut(2).fill(240);
+            red.set_color_space(ffmpeg::color::Space::BT709);
+            let out = shaper.shape(&Source::video(&red), 0).unwrap();
+            let rgb = out.to_rgb().unwrap();
+            let px = &rgb[(16 * 32 + 16) * 3..(16 * 32 + 16) * 3 + 3];
+            assert!(
+                px[0] > 240 && px[1] < 20 && px[2] < 20,
+                "{encoding:?}: BT.709 red came out {px:?}"
+            );
+        }
+    }
+
+    #[test]
     fn limited_range_black_and_white_become_full_range() {
         for size in [FrameSize::AsDecoded, FrameSize::LongestSide(32)] {
             for encoding in [Encoding::Jpeg { quality: 95 }, Encoding::Rgb] {
