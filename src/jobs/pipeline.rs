@@ -551,15 +551,11 @@ impl Writer {
             stats: &stats,
             latency: &latency,
         };
-        let saved = match progress {
-            Some(p) => {
-                let progress = serde_json::to_value(p).unwrap_or_default();
-                self.store
-                    .save_progress(self.job_id.as_str(), &record, &progress)
-                    .await
-            }
-            None => self.store.save_stats(self.job_id.as_str(), &record).await,
-        };
+        let progress = progress.map(|p| serde_json::to_value(p).unwrap_or_default());
+        let saved = self
+            .store
+            .save_progress(self.job_id.as_str(), &record, progress.as_ref())
+            .await;
         if let Err(e) = saved {
             tracing::warn!(job_id = %self.job_id, error = %e, "cannot save job progress");
         }

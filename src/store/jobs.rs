@@ -189,34 +189,23 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Saves a job's counters and resume progress (last segment, pending entries...).
+    /// Saves a job's counters and latency percentiles, and its resume progress (last segment,
+    /// decoder and sampler state) when given; without it the saved progress stays.
     pub async fn save_progress(
         &self,
         job_id: &str,
         saved: &Saved<'_>,
-        progress: &Value,
+        progress: Option<&Value>,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE jobs SET frames_processed = $2, stats = $3, latency = $4, progress = $5 WHERE job_id = $1",
+            "UPDATE jobs SET frames_processed = $2, stats = $3, latency = $4, \
+             progress = COALESCE($5, progress) WHERE job_id = $1",
         )
         .bind(job_id)
         .bind(saved.frames_processed)
         .bind(saved.stats.to_string())
         .bind(saved.latency.to_string())
-        .bind(progress.to_string())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    pub async fn save_stats(&self, job_id: &str, saved: &Saved<'_>) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE jobs SET frames_processed = $2, stats = $3, latency = $4 WHERE job_id = $1",
-        )
-        .bind(job_id)
-        .bind(saved.frames_processed)
-        .bind(saved.stats.to_string())
-        .bind(saved.latency.to_string())
+        .bind(progress.map(Value::to_string))
         .execute(&self.pool)
         .await?;
         Ok(())
