@@ -175,7 +175,8 @@ impl StartRequest {
 }
 
 pub(super) async fn job_view(state: &AppState, job: JobRecord) -> Result<JobView, ApiError> {
-    let prompt = job.prompt;
+    let id = JobId::parse(&job.job_id).map_err(|e| ApiError::Internal(e.into()))?;
+    let prompt = state.store.effective_prompt(&id).await?;
     let stats = match state.jobs.live_stats(&job.job_id) {
         Some(live) => serde_json::to_value(live).unwrap_or(job.stats),
         None => job.stats,

@@ -122,8 +122,6 @@ pub struct JobRecord {
     pub progress: Value,
     /// p50/p95/p99 per latency phase over the newest results, as the pipeline last saved it.
     pub latency: Value,
-    /// The prompt in force for the job when the row was read.
-    pub prompt: Option<PromptVersion>,
 }
 
 #[derive(Debug)]
@@ -178,29 +176,11 @@ pub struct NewResult {
 }
 
 /// `SELECT <every job column> FROM jobs <rest>`, as one literal.
-/// The tail of a subquery that finds the prompt version in force for the row's job (its
-/// own newest, else the newest global one) through the `(scope_key, version)` key.
-macro_rules! prompt_in_force {
-    () => {
-        "FROM prompt_versions pv WHERE pv.scope_key IN ('job:' || jobs.job_id, 'global') \
-         ORDER BY CASE WHEN pv.scope_key = 'global' THEN 1 ELSE 0 END, pv.version DESC LIMIT 1"
-    };
-}
-
-/// A job row with the prompt in force, read in one statement (status and the jobs list
-/// show both; reading the prompt apart was a second round trip per job).
 macro_rules! select_jobs {
     ($rest:literal) => {
         concat!(
             "SELECT list_seq, job_id, status, stream_ref, source_type, fps, model, priority, from_beginning, ",
-            "created_at, started_at, completed_at, frames_processed, results_count, error, stats, progress, latency, ",
-            "(SELECT pv.scope_key ", prompt_in_force!(), ") AS p_scope, ",
-            "(SELECT pv.version ", prompt_in_force!(), ") AS p_version, ",
-            "(SELECT pv.prompt ", prompt_in_force!(), ") AS p_prompt, ",
-            "(SELECT pv.created_at ", prompt_in_force!(), ") AS p_created_at, ",
-            "(SELECT MIN(p2.created_at) FROM prompt_versions p2 WHERE p2.scope_key = (SELECT pv.scope_key ",
-            prompt_in_force!(), ")) AS p_scope_created_at ",
-            "FROM jobs ",
+            "created_at, started_at, completed_at, frames_processed, results_count, error, stats, progress, latency FROM jobs ",
             $rest
         )
     };
@@ -358,28 +338,9 @@ fn job_from_row(r: &AnyRow) -> Result<JobRecord, StoreError> {
     let stats: String = r.try_get("stats")?;
     let progress: String = r.try_get("progress")?;
     let latency: String = r.try_get("latency")?;
-    let job_id: String = r.try_get("job_id")?;
-    let scope: Option<String> = r.try_get("p_scope")?;
-    let prompt = match scope {
-        None => None,
-        Some(scope) => Some(PromptVersion {
-            scope: if scope == "global" {
-                PromptScope::Global
-            } else {
-                PromptScope::Job(
-                    JobId::parse(&job_id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                )
-            },
-            version: r.try_get("p_version")?,
-            prompt: r.try_get("p_prompt")?,
-            created_at: r.try_get("p_created_at")?,
-            scope_created_at: r.try_get("p_scope_created_at")?,
-        }),
-    };
     Ok(JobRecord {
-        prompt,
         list_seq: r.try_get("list_seq")?,
-        job_id,
+        job_id: r.try_get("job_id")?,
         status: JobStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("job status {status:?}")))?,
         stream_ref: r.try_get("stream_ref")?,
