@@ -30,6 +30,7 @@ pub struct OpenAiBackend {
     max_tokens: u32,
     temperature: f64,
     spec: FrameSpec,
+    jpeg_quality: u8,
 }
 
 enum Attempt {
@@ -76,6 +77,7 @@ impl OpenAiBackend {
                     quality: s.jpeg_quality,
                 },
             },
+            jpeg_quality: s.jpeg_quality,
         })
     }
 
@@ -88,12 +90,8 @@ impl OpenAiBackend {
 
     async fn one(&self, model: &str, request: InferRequest) -> InferOutput {
         let started = Instant::now();
-        let quality = match self.spec.encoding {
-            Encoding::Jpeg { quality } => quality,
-            Encoding::Rgb => 85,
-        };
         // Frames come shaped as JPEG; anything else (never in a pipeline) is encoded here.
-        let jpeg = match request.frame.to_jpeg(quality) {
+        let jpeg = match request.frame.to_jpeg(self.jpeg_quality) {
             Ok(j) => j,
             Err(e) => return failed(e, 0.0, 0.0),
         };
