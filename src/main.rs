@@ -47,6 +47,9 @@ enum DevTool {
         /// Vision input size in pixels (a multiple of 14).
         #[arg(long, default_value_t = 224)]
         image_size: usize,
+        /// The weights are a function of this seed alone.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
     },
     /// Measure the in-process model's frames per second at batch sizes 1, 2, 4, 8 (Markdown out).
     #[cfg(feature = "candle")]
@@ -107,9 +110,14 @@ async fn main() {
         }
         #[cfg(feature = "candle")]
         Some(Command::Dev {
-            tool: DevTool::MakeTinyModel { dir, image_size },
+            tool:
+                DevTool::MakeTinyModel {
+                    dir,
+                    image_size,
+                    seed,
+                },
         }) => {
-            if let Err(e) = free_roam::vlm::candle::tiny::make_tiny_model(dir, *image_size, 7) {
+            if let Err(e) = free_roam::vlm::candle::tiny::make_tiny_model(dir, *image_size, *seed) {
                 eprintln!("make-tiny-model: {e:#}");
                 std::process::exit(1);
             }
