@@ -9,6 +9,7 @@
 
 pub mod decode;
 pub mod jpeg;
+pub mod resample;
 pub mod sampler;
 pub mod shape;
 pub mod timeline;

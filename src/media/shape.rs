@@ -1,14 +1,16 @@
-//! Shapes a decoded picture into what the model backend asked for ([`FrameSpec`]) in one
-//! swscale pass, in the thread that decoded it: scaled to the backend's size and converted
-//! from whatever the decoder gave (4:2:0, 4:2:2, 4:4:4, 10-bit, full or limited range, odd
-//! sizes; or packed RGB from a still image) straight into either packed RGB or full-range
-//! 4:2:0 planes that libjpeg-turbo encodes without an RGB round trip.
+//! Shapes a decoded picture into what the model backend asked for ([`FrameSpec`]), in the
+//! thread that decoded it, from whatever the decoder gave (4:2:0, 4:2:2, 4:4:4, 10-bit, full
+//! or limited range, odd sizes; or packed RGB from a still image):
+//!
+//! - JPEG for a remote model: one swscale pass scales and converts straight into full-range
+//!   4:2:0 planes that libjpeg-turbo encodes without an RGB round trip. Bilinear, which
+//!   swscale widens with the scale factor when reducing (filtered, not aliased).
+//! - RGB for an in-process model: swscale converts at the picture's own size (no scaling),
+//!   then [`super::resample`] resizes exactly as Pillow does, because that is what the
+//!   model's reference processor does (tests/api/reference.rs holds it to that).
 //!
 //! The colour matrix follows the picture's own tag (BT.709, BT.601, BT.2020...; untagged is
-//! BT.601, as ffmpeg assumes); JPEG output is JFIF's full-range BT.601. Reductions are
-//! filtered, not aliased: swscale widens its kernel with the scale factor. RGB for an
-//! in-process model uses bicubic with B=0, C=0.5 (the Keys kernel PIL uses); JPEG for a
-//! remote model uses bilinear, half the taps.
+//! BT.601, as ffmpeg assumes); JPEG output is JFIF's full-range BT.601.
 
 use std::ptr;
 
@@ -18,6 +20,7 @@ use ffmpeg::frame;
 use ffmpeg_next as ffmpeg;
 
 use super::jpeg::{JpegEncoder, Yuv420};
+use super::resample;
 use super::{Encoding, Frame, FrameSize, FrameSpec, Picture};
 
 /// A picture swscale can read: up to four planes with their strides.
@@ -125,9 +128,9 @@ impl Drop for Sws {
 
 impl Sws {
     fn new(key: Key) -> Result<Self, String> {
-        // An in-process model's input: Keys' cubic with a = -0.5 (B=0, C=0.5), PIL's bicubic,
-        // with accurate rounding. A JPEG for a remote model: bilinear, which swscale widens
-        // like the cubic when reducing (filtered, not aliased) at half the taps.
+        // RGB (an in-process model's input, converted at its own size and resized after):
+        // accurate rounding and chroma interpolated to every pixel. A JPEG for a remote
+        // model: bilinear, which swscale widens when reducing (filtered, not aliased).
         let param = [0.0f64, 0.5];
         let flags = if key.dst == Pixel::RGB24 {
             ffi::SWS_BICUBIC | ffi::SWS_ACCURATE_RND | ffi::SWS_FULL_CHR_H_INT
@@ -237,12 +240,54 @@ impl Shaper {
             return Err("picture has no pixels".into());
         }
         let (dw, dh) = target_size(self.spec.size, src.width, src.height);
-        let dst = match self.spec.encoding {
-            Encoding::Rgb => Pixel::RGB24,
-            // The JPEG-range twin: swscale then never takes its plain-copy path, which would
-            // skip the range conversion.
-            Encoding::Jpeg { .. } => Pixel::YUVJ420P,
+        let picture = match self.spec.encoding {
+            Encoding::Rgb => {
+                let (sw, sh) = (src.width as usize, src.height as usize);
+                let rgb = if src.format == Pixel::RGB24 {
+                    packed_rows(src.planes[0], src.strides[0], sw * 3, sh)?
+                } else {
+                    self.convert(src, Pixel::RGB24, src.width, src.height)?;
+                    packed_rows(&self.planes.data[0], self.planes.strides[0], sw * 3, sh)?
+                };
+                if (dw, dh) == (src.width, src.height) {
+                    Picture::Rgb(rgb)
+                } else {
+                    Picture::Rgb(resample::resize_rgb_bicubic(
+                        &rgb,
+                        sw,
+                        sh,
+                        dw as usize,
+                        dh as usize,
+                    )?)
+                }
+            }
+            Encoding::Jpeg { quality } => {
+                // The JPEG-range twin: swscale then never takes its plain-copy path, which
+                // would skip the range conversion.
+                self.convert(src, Pixel::YUVJ420P, dw, dh)?;
+                let encoder = match self.jpeg.as_mut() {
+                    Some(e) => e,
+                    None => self.jpeg.insert(JpegEncoder::new(quality)?),
+                };
+                let p = &self.planes;
+                Picture::Jpeg(encoder.encode(&Yuv420 {
+                    width: dw as usize,
+                    height: dh as usize,
+                    planes: [&p.data[0], &p.data[1], &p.data[2]],
+                    strides: p.strides,
+                })?)
+            }
         };
+        Ok(Frame {
+            width: dw,
+            height: dh,
+            picture,
+            pts_ms,
+        })
+    }
+
+    /// swscale from `src` into this shaper's planes as `dst` at `dw` x `dh`.
+    fn convert(&mut self, src: &Source<'_>, dst: Pixel, dw: u32, dh: u32) -> Result<(), String> {
         let key = Key {
             src: src.format,
             sw: src.width,
@@ -259,40 +304,12 @@ impl Shaper {
         }
         let (w, h) = (dw as usize, dh as usize);
         let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
-        match self.spec.encoding {
-            Encoding::Rgb => self.planes.fit([(w * 3, h), (0, 0), (0, 0)]),
-            Encoding::Jpeg { .. } => self.planes.fit([(w, h), (cw, ch), (cw, ch)]),
+        if dst == Pixel::RGB24 {
+            self.planes.fit([(w * 3, h), (0, 0), (0, 0)]);
+        } else {
+            self.planes.fit([(w, h), (cw, ch), (cw, ch)]);
         }
-        self.scale(src)?;
-        let picture = match self.spec.encoding {
-            Encoding::Rgb => {
-                let stride = self.planes.strides[0];
-                let mut rgb = Vec::with_capacity(w * 3 * h);
-                for row in self.planes.data[0].chunks(stride).take(h) {
-                    rgb.extend_from_slice(&row[..w * 3]);
-                }
-                Picture::Rgb(rgb)
-            }
-            Encoding::Jpeg { quality } => {
-                let encoder = match self.jpeg.as_mut() {
-                    Some(e) => e,
-                    None => self.jpeg.insert(JpegEncoder::new(quality)?),
-                };
-                let p = &self.planes;
-                Picture::Jpeg(encoder.encode(&Yuv420 {
-                    width: w,
-                    height: h,
-                    planes: [&p.data[0], &p.data[1], &p.data[2]],
-                    strides: p.strides,
-                })?)
-            }
-        };
-        Ok(Frame {
-            width: dw,
-            height: dh,
-            picture,
-            pts_ms,
-        })
+        self.scale(src)
     }
 
     fn scale(&mut self, src: &Source<'_>) -> Result<(), String> {
@@ -336,6 +353,18 @@ impl Shaper {
         }
         Ok(())
     }
+}
+
+/// `rows` rows of `row` bytes from a plane `stride` bytes apart, packed.
+fn packed_rows(plane: &[u8], stride: usize, row: usize, rows: usize) -> Result<Vec<u8>, String> {
+    if stride < row || plane.len() < stride * (rows - 1) + row {
+        return Err("RGB picture is short".into());
+    }
+    let mut out = Vec::with_capacity(row * rows);
+    for r in plane.chunks(stride).take(rows) {
+        out.extend_from_slice(&r[..row]);
+    }
+    Ok(out)
 }
 
 /// Checks that each plane `format` has holds its rows at the stride given.
