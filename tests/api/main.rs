@@ -15,3 +15,5 @@ mod pipeline_hls;
 mod pipeline_redis;
 mod prompts;
 mod protection;
+#[cfg(feature = "candle")]
+mod reference;

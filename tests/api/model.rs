@@ -190,13 +190,41 @@ async fn missing_mismatched_and_oversized_models_say_what_is_wrong() {
     let why = reasons(&app, "tokenizer.json is missing").await;
     assert!(why.contains("MODEL_PATH"), "{why}");
 
-    let mismatched = tiny(dir.path(), "mismatched");
-    let cfg_path = Path::new(&mismatched).join("config.json");
-    let mut cfg: Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
-    cfg["text_config"]["hidden_size"] = json!(32);
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    let app = spawn(&[("MODEL_PATH", &mismatched)]).await;
-    reasons(&app, "config.json does not match the weights").await;
+    // Configs the reference would refuse (or fail to run) are refused at load, by field.
+    type Edit = fn(&mut Value);
+    let edits: [(&str, Edit, &str); 4] = [
+        (
+            "hidden",
+            |c| c["text_config"]["hidden_size"] = json!(32),
+            "must equal text_config.hidden_size (32)",
+        ),
+        (
+            "projection",
+            |c| {
+                c.as_object_mut().unwrap().remove("projection_dim");
+            },
+            "projection_dim (2048",
+        ),
+        (
+            "patches",
+            |c| c["vision_config"]["image_size"] = json!(30),
+            "vision_config.image_size (30) is not a multiple of vision_config.patch_size (14)",
+        ),
+        (
+            "weights",
+            |c| c["text_config"]["intermediate_size"] = json!(96),
+            "config.json does not match the weights",
+        ),
+    ];
+    for (name, edit, want) in edits {
+        let model = tiny(dir.path(), name);
+        let cfg_path = Path::new(&model).join("config.json");
+        let mut cfg: Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+        edit(&mut cfg);
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        let app = spawn(&[("MODEL_PATH", &model)]).await;
+        reasons(&app, want).await;
+    }
 
     let ok = tiny(dir.path(), "ok");
     let app = spawn(&[("MODEL_PATH", &ok), ("MODEL_CACHE_BYTES", "1000")]).await;

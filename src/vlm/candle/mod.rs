@@ -5,6 +5,7 @@
 //! Forward passes run on blocking threads, never on the async workers.
 
 pub mod cache;
+pub mod files;
 pub mod paligemma;
 pub mod tiny;
 
@@ -16,7 +17,8 @@ use std::time::Instant;
 use candle_core::Device;
 
 use self::cache::{InUse, Lru};
-use self::paligemma::{Generation, ModelFiles, PaliGemma};
+use self::files::ModelFiles;
+use self::paligemma::{Generation, PaliGemma};
 use super::{Backend, InferOutput, InferRequest};
 use crate::config::{Device as DeviceSetting, Settings};
 use crate::media::{Encoding, Frame, FrameSize, FrameSpec, Picture};

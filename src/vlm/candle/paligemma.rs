@@ -1,22 +1,32 @@
-//! PaliGemma (SigLIP vision tower + Gemma decoder) from candle-transformers, run in process.
+//! PaliGemma (SigLIP vision tower + Gemma decoder), run in process as its reference
+//! implementation (transformers' `PaliGemmaForConditionalGeneration`) runs it.
 //!
-//! Preprocessing is PaliGemma's own: resize to the vision tower's square input (bicubic),
-//! scale to [-1, 1] (mean 0.5, std 0.5), channels first. The prompt template is the
-//! processor's: image tokens (fed as embeddings), then `<bos>`, the prompt and `\n`.
-//! Decoding is greedy by default (temperature > 0 samples), with a KV cache, and stops at
+//! The forward pass is assembled here from candle-transformers' parts, not taken whole from
+//! its `paligemma::Model`, which L2-normalises every image token: the reference divides the
+//! projected image features by √hidden_size so that Gemma's embedding scale (× √hidden_size,
+//! applied to the whole sequence) leaves them as projected. Attention over the prefix (image
+//! tokens, `<bos>`, prompt, `\n`) is bidirectional, as the reference's prefix-LM mask is;
+//! decoding is causal over the KV cache. `tests/api/reference.rs` holds it to fixtures the
+//! reference produced.
+//!
+//! Preprocessing is PaliGemma's own: the vision tower's square input, scaled to [-1, 1]
+//! (mean 0.5, std 0.5), channels first. Pipelines hand frames over at that size already
+//! (resized in the decode thread with a bicubic that reduces like PIL's); other sizes are
+//! resized here. Decoding is greedy by default (temperature > 0 samples) and stops at
 //! `<eos>` or `max_new_tokens`. Frames that share a prompt run as one batched forward pass.
 
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_nn::{Linear, Module, VarBuilder};
 use candle_transformers::generation::LogitsProcessor;
-use candle_transformers::models::paligemma;
+use candle_transformers::models::{gemma, paligemma, siglip};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-use crate::media::Frame;
+use super::files::ModelFiles;
+use crate::media::shape::{Shaper, Source};
+use crate::media::{Encoding, Frame, FrameSize, FrameSpec};
 
 /// How answers are generated.
 #[derive(Debug, Clone)]
@@ -25,106 +35,6 @@ pub struct Generation {
     /// 0 is greedy.
     pub temperature: f64,
     pub seed: u64,
-}
-
-/// The files of one model.
-#[derive(Debug, Clone)]
-pub struct ModelFiles {
-    pub config: PathBuf,
-    pub tokenizer: PathBuf,
-    pub weights: Vec<PathBuf>,
-}
-
-impl ModelFiles {
-    /// Finds config.json, tokenizer.json and the safetensors (sharded through
-    /// model.safetensors.index.json, or every *.safetensors) in a directory.
-    pub fn in_dir(dir: &Path) -> Result<Self, String> {
-        let how = "a model directory holds config.json, tokenizer.json and *.safetensors \
-                   (e.g. `huggingface-cli download google/paligemma-3b-mix-224 --local-dir DIR`)";
-        if !dir.is_dir() {
-            return Err(format!(
-                "MODEL_PATH={} is not a directory; {how}",
-                dir.display()
-            ));
-        }
-        let need = |name: &str| {
-            let p = dir.join(name);
-            if p.is_file() {
-                Ok(p)
-            } else {
-                Err(format!(
-                    "{} is missing from MODEL_PATH={}; {how}",
-                    name,
-                    dir.display()
-                ))
-            }
-        };
-        let config = need("config.json")?;
-        let tokenizer = need("tokenizer.json")?;
-        let index = dir.join("model.safetensors.index.json");
-        let weights = if index.is_file() {
-            let v: Value = serde_json::from_slice(
-                &std::fs::read(&index).map_err(|e| format!("{}: {e}", index.display()))?,
-            )
-            .map_err(|e| format!("{} is not JSON: {e}", index.display()))?;
-            let mut shards: Vec<String> = v["weight_map"]
-                .as_object()
-                .ok_or_else(|| format!("{} has no weight_map", index.display()))?
-                .values()
-                .filter_map(|f| f.as_str().map(str::to_owned))
-                .collect();
-            shards.sort();
-            shards.dedup();
-            shards
-                .iter()
-                .map(|s| need(s))
-                .collect::<Result<Vec<_>, _>>()?
-        } else {
-            let mut w: Vec<PathBuf> = std::fs::read_dir(dir)
-                .map_err(|e| format!("cannot read MODEL_PATH={}: {e}", dir.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-                .collect();
-            w.sort();
-            w
-        };
-        if weights.is_empty() {
-            return Err(format!(
-                "no *.safetensors weights in MODEL_PATH={}; {how}",
-                dir.display()
-            ));
-        }
-        Ok(Self {
-            config,
-            tokenizer,
-            weights,
-        })
-    }
-
-    /// Bytes of weights on disk: what the model cache counts.
-    pub fn weight_bytes(&self) -> u64 {
-        self.weights
-            .iter()
-            .filter_map(|w| std::fs::metadata(w).ok())
-            .map(|m| m.len())
-            .sum()
-    }
-
-    /// `model_type` as config.json states it.
-    pub fn model_type(&self) -> Result<String, String> {
-        let v = self.config_json()?;
-        v["model_type"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| format!("{} has no model_type", self.config.display()))
-    }
-
-    fn config_json(&self) -> Result<Value, String> {
-        let bytes =
-            std::fs::read(&self.config).map_err(|e| format!("{}: {e}", self.config.display()))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| format!("{} is not JSON: {e}", self.config.display()))
-    }
 }
 
 /// Hugging Face PaliGemma configs leave many fields at their defaults; candle wants them all.
@@ -171,12 +81,107 @@ fn paligemma_config(mut v: Value) -> Result<paligemma::Config, String> {
             ("max_position_embeddings", json!(8192)),
         ],
     );
-    serde_json::from_value(v)
-        .map_err(|e| format!("config.json is not a valid PaliGemma config: {e}"))
+    let cfg: paligemma::Config = serde_json::from_value(v)
+        .map_err(|e| format!("config.json is not a valid PaliGemma config: {e}"))?;
+    validate(&cfg)?;
+    Ok(cfg)
+}
+
+/// What the reference refuses to build (or could not run), named by field.
+fn validate(cfg: &paligemma::Config) -> Result<(), String> {
+    let (v, t) = (&cfg.vision_config, &cfg.text_config);
+    let bad = |why: String| Err(format!("config.json: {why}"));
+    if cfg.projection_dim != t.hidden_size {
+        return bad(format!(
+            "projection_dim ({}, 2048 when absent) must equal text_config.hidden_size ({}): \
+             the projected image tokens are the decoder's input",
+            cfg.projection_dim, t.hidden_size
+        ));
+    }
+    if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+        return bad(format!(
+            "vision_config.image_size ({}) is not a multiple of vision_config.patch_size ({})",
+            v.image_size, v.patch_size
+        ));
+    }
+    if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+        return bad(format!(
+            "vision_config.hidden_size ({}) does not divide into \
+             vision_config.num_attention_heads ({})",
+            v.hidden_size, v.num_attention_heads
+        ));
+    }
+    if t.num_key_value_heads == 0 || t.num_attention_heads % t.num_key_value_heads != 0 {
+        return bad(format!(
+            "text_config.num_attention_heads ({}) is not a multiple of \
+             text_config.num_key_value_heads ({})",
+            t.num_attention_heads, t.num_key_value_heads
+        ));
+    }
+    Ok(())
+}
+
+/// The forward pass: SigLIP, the linear projector, Gemma.
+struct Model {
+    vision: siglip::VisionModel,
+    projector: Linear,
+    language: gemma::Model,
+    /// 1/√(text hidden size): the reference's scaling of the projected image features.
+    image_scale: f64,
+    /// Positions filled in the KV cache.
+    pos: usize,
+}
+
+impl Model {
+    /// Built by checkpoint names, as transformers saves them.
+    fn new(cfg: &paligemma::Config, vb: VarBuilder) -> candle_core::Result<Self> {
+        let vision = siglip::VisionModel::new(
+            &cfg.vision_config,
+            false,
+            vb.pp("vision_tower.vision_model"),
+        )?;
+        let projector = candle_nn::linear(
+            cfg.vision_config.hidden_size,
+            cfg.projection_dim,
+            vb.pp("multi_modal_projector.linear"),
+        )?;
+        let language = gemma::Model::new(false, &cfg.text_config, vb.pp("language_model"))?;
+        Ok(Self {
+            vision,
+            projector,
+            language,
+            image_scale: 1.0 / (cfg.text_config.hidden_size as f64).sqrt(),
+            pos: 0,
+        })
+    }
+
+    /// Runs the prefix (image tokens then `ids`) with full attention, filling the KV cache;
+    /// the logits for the token after it, [B, 1, vocab].
+    fn prefill(&mut self, pixels: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.language.clear_kv_cache();
+        let image = (self.vision.forward(pixels)?.apply(&self.projector)? * self.image_scale)?;
+        let text = self.language.embed_tokens().forward(ids)?;
+        let embeds = Tensor::cat(&[image, text], 1)?;
+        self.pos = embeds.dim(1)?;
+        // No mask: every prefix position sees every other, as in the reference's prefix-LM.
+        self.language.forward_embeds(&embeds, None, 0)
+    }
+
+    /// One decoding step for each row: [B, 1] ids in, [B, 1, vocab] logits out.
+    fn step(&mut self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let pos = self.pos;
+        self.pos += ids.dim(1)?;
+        self.language.forward(ids, pos)
+    }
+
+    fn clear(&mut self) {
+        self.pos = 0;
+        self.language.clear_kv_cache();
+    }
 }
 
 pub struct PaliGemma {
-    model: Mutex<paligemma::Model>,
+    model: Mutex<Model>,
     tokenizer: Tokenizer,
     device: Device,
     dtype: DType,
@@ -205,7 +210,7 @@ impl PaliGemma {
         // SAFETY: the weight files are not modified while mapped (they are ours to read).
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }
             .map_err(|e| format!("cannot read the weights: {e}"))?;
-        let model = paligemma::Model::new(&cfg, vb)
+        let model = Model::new(&cfg, vb)
             .map_err(|e| format!("config.json does not match the weights: {e}"))?;
         Ok(Self {
             model: Mutex::new(model),
@@ -225,16 +230,23 @@ impl PaliGemma {
         for f in frames {
             let rgb = f.to_rgb()?;
             // Pipelines hand frames over at the input size already (shaped in the decode
-            // thread); anything else is resized here with PIL's filter.
+            // thread); anything else goes through the same scaler here.
             let resized;
             let pixels: &[u8] = if (f.width, f.height) == (s, s) {
                 &rgb
             } else {
-                let img = image::RgbImage::from_raw(f.width, f.height, rgb.into_owned())
-                    .ok_or("frame buffer has the wrong size")?;
-                resized =
-                    image::imageops::resize(&img, s, s, image::imageops::FilterType::CatmullRom);
-                resized.as_raw()
+                let spec = FrameSpec {
+                    size: FrameSize::Exact {
+                        width: s,
+                        height: s,
+                    },
+                    encoding: Encoding::Rgb,
+                };
+                resized = Shaper::new(spec)
+                    .shape(&Source::rgb(&rgb, f.width, f.height), f.pts_ms)?
+                    .to_rgb()?
+                    .into_owned();
+                &resized
             };
             if pixels.len() != (s * s * 3) as usize {
                 return Err("frame buffer has the wrong size".into());
@@ -261,6 +273,18 @@ impl PaliGemma {
         self.image_size as u32
     }
 
+    /// The prompt's token ids as the reference processor lays them out after the image
+    /// tokens: `<bos>`, the prompt, `\n`.
+    pub fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>, String> {
+        let encoded = self
+            .tokenizer
+            .encode(format!("{prompt}\n"), false)
+            .map_err(|e| e.to_string())?;
+        let mut ids = vec![self.bos];
+        ids.extend_from_slice(encoded.get_ids());
+        Ok(ids)
+    }
+
     /// Answers `prompt` about every frame (already preprocessed) in one batched pass.
     pub fn generate(
         &self,
@@ -268,59 +292,8 @@ impl PaliGemma {
         prompt: &str,
         gen: &Generation,
     ) -> Result<Vec<String>, String> {
-        let err = |e: candle_core::Error| e.to_string();
-        let batch = pixels.dim(0).map_err(err)?;
-        let encoded = self
-            .tokenizer
-            .encode(format!("{prompt}\n"), false)
-            .map_err(|e| e.to_string())?;
-        let mut ids = vec![self.bos];
-        ids.extend_from_slice(encoded.get_ids());
-        let row = Tensor::new(ids.as_slice(), &self.device).map_err(err)?;
-        let input = row
-            .unsqueeze(0)
-            .and_then(|r| r.repeat((batch, 1)))
-            .map_err(err)?;
-        let temperature = (gen.temperature > 0.0).then_some(gen.temperature);
-        let mut samplers: Vec<LogitsProcessor> = (0..batch)
-            .map(|i| LogitsProcessor::new(gen.seed + i as u64, temperature, None))
-            .collect();
-        let mut out: Vec<Vec<u32>> = vec![Vec::new(); batch];
-        let mut done = vec![false; batch];
-        let mut model = self
-            .model
-            .lock()
-            .map_err(|_| "the model is poisoned by an earlier panic".to_owned())?;
-        let mut logits = model.setup(pixels, &input).map_err(err)?;
-        for _ in 0..gen.max_new_tokens {
-            let rows = logits
-                .squeeze(1)
-                .and_then(|l| l.to_dtype(DType::F32))
-                .map_err(err)?;
-            let mut next = Vec::with_capacity(batch);
-            for (i, sampler) in samplers.iter_mut().enumerate() {
-                let row = rows.get(i).map_err(err)?;
-                let t = sampler.sample(&row).map_err(err)?;
-                if !done[i] {
-                    if t == self.eos {
-                        done[i] = true;
-                    } else {
-                        out[i].push(t);
-                    }
-                }
-                next.push(t);
-            }
-            if done.iter().all(|d| *d) {
-                break;
-            }
-            let next = Tensor::new(next.as_slice(), &self.device)
-                .and_then(|t| t.unsqueeze(1))
-                .map_err(err)?;
-            logits = model.forward(&next).map_err(err)?;
-        }
-        model.clear_kv_cache();
-        drop(model);
-        out.iter()
+        self.decode(pixels, prompt, gen, |_| {})?
+            .iter()
             .map(|ids| {
                 self.tokenizer
                     .decode(ids, true)
@@ -328,5 +301,66 @@ impl PaliGemma {
                     .map_err(|e| e.to_string())
             })
             .collect()
+    }
+
+    /// The token ids `generate` turns into text, per frame, without `<eos>`. `observe` sees
+    /// each step's logits, [B, vocab] in f32, before they are sampled: what golden tests
+    /// compare with the reference.
+    pub fn decode(
+        &self,
+        pixels: &Tensor,
+        prompt: &str,
+        gen: &Generation,
+        mut observe: impl FnMut(&Tensor),
+    ) -> Result<Vec<Vec<u32>>, String> {
+        let err = |e: candle_core::Error| e.to_string();
+        let batch = pixels.dim(0).map_err(err)?;
+        let ids = self.prompt_ids(prompt)?;
+        let input = Tensor::new(ids.as_slice(), &self.device)
+            .and_then(|r| r.unsqueeze(0))
+            .and_then(|r| r.repeat((batch, 1)))
+            .map_err(err)?;
+        let temperature = (gen.temperature > 0.0).then_some(gen.temperature);
+        let mut samplers: Vec<LogitsProcessor> = (0..batch)
+            .map(|i| LogitsProcessor::new(gen.seed + i as u64, temperature, None))
+            .collect();
+        let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); batch];
+        let mut done = vec![false; batch];
+        let mut model = self
+            .model
+            .lock()
+            .map_err(|_| "the model is poisoned by an earlier panic".to_owned())?;
+        let result = (|| {
+            let mut logits = model.prefill(pixels, &input).map_err(err)?;
+            for _ in 0..gen.max_new_tokens {
+                let rows = logits
+                    .squeeze(1)
+                    .and_then(|l| l.to_dtype(DType::F32))
+                    .map_err(err)?;
+                observe(&rows);
+                let mut next = Vec::with_capacity(batch);
+                for (i, sampler) in samplers.iter_mut().enumerate() {
+                    let t = sampler.sample(&rows.get(i).map_err(err)?).map_err(err)?;
+                    if !done[i] {
+                        if t == self.eos {
+                            done[i] = true;
+                        } else {
+                            tokens[i].push(t);
+                        }
+                    }
+                    next.push(t);
+                }
+                if done.iter().all(|d| *d) {
+                    break;
+                }
+                let next = Tensor::new(next.as_slice(), &self.device)
+                    .and_then(|t| t.unsqueeze(1))
+                    .map_err(err)?;
+                logits = model.step(&next).map_err(err)?;
+            }
+            Ok(tokens)
+        })();
+        model.clear();
+        result
     }
 }
