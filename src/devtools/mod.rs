@@ -329,6 +329,8 @@ pub async fn bench_model(dir: &Path) -> anyhow::Result<String> {
         ));
     }
 
+    md.push_str(&shaping_cost(spec)?);
+
     // The batcher alone: full batches of 8, no waiting, 100 000 frames.
     let batcher = Batcher::<u64>::new();
     let lane = batcher.lane(2, 64, WhenFull::Block);
@@ -347,4 +349,72 @@ pub async fn bench_model(dir: &Path) -> anyhow::Result<String> {
          excluding MAX_BATCH_WAIT_MS, which a partial batch waits by design.\n"
     ));
     Ok(md)
+}
+
+/// What the exact preprocessing costs per decoded 1280x720 frame: swscale to RGB at full
+/// size then Pillow's bicubic (what the service does for an in-process model) against one
+/// swscale bicubic pass that converts and scales at once (faster, not the reference's pixels).
+#[cfg(feature = "candle")]
+fn shaping_cost(spec: crate::media::FrameSpec) -> anyhow::Result<String> {
+    use crate::media::shape::{Shaper, Source};
+    use crate::media::FrameSize;
+    use ffmpeg::ffi;
+    use ffmpeg::software::scaling::{Context, Flags};
+    use ffmpeg_next as ffmpeg;
+
+    let FrameSize::Exact { width, height } = spec.size else {
+        bail!("the model asks for no exact size");
+    };
+    let (w, h) = (1280usize, 720usize);
+    let y: Vec<u8> = (0..w * h)
+        .map(|i| ((i % w) * 255 / w) as u8 ^ ((i / w) % 7) as u8)
+        .collect();
+    let u: Vec<u8> = (0..w * h / 4).map(|i| (64 + i % 128) as u8).collect();
+    let v: Vec<u8> = (0..w * h / 4).map(|i| (192 - i % 128) as u8).collect();
+    let src = Source {
+        format: ffmpeg::format::Pixel::YUV420P,
+        width: w as u32,
+        height: h as u32,
+        planes: [&y, &u, &v, &[]],
+        strides: [w, w / 2, w / 2, 0],
+        colorspace: ffi::AVColorSpace::AVCOL_SPC_BT709,
+        full_range: false,
+    };
+    let rounds = 50;
+    let mut shaper = Shaper::new(spec);
+    let started = Instant::now();
+    for _ in 0..rounds {
+        shaper.shape(&src, 0).map_err(anyhow::Error::msg)?;
+    }
+    let exact = started.elapsed().as_secs_f64() * 1000.0 / f64::from(rounds);
+
+    let mut frame = ffmpeg::frame::Video::new(ffmpeg::format::Pixel::YUV420P, w as u32, h as u32);
+    for (plane, data) in [&y, &u, &v].into_iter().enumerate() {
+        let stride = frame.stride(plane);
+        let row = if plane == 0 { w } else { w / 2 };
+        for (r, chunk) in data.chunks(row).enumerate() {
+            frame.data_mut(plane)[r * stride..r * stride + row].copy_from_slice(chunk);
+        }
+    }
+    let mut one_pass = Context::get(
+        ffmpeg::format::Pixel::YUV420P,
+        w as u32,
+        h as u32,
+        ffmpeg::format::Pixel::RGB24,
+        width,
+        height,
+        Flags::BICUBIC | Flags::ACCURATE_RND | Flags::FULL_CHR_H_INT,
+    )?;
+    let mut out = ffmpeg::frame::Video::empty();
+    let started = Instant::now();
+    for _ in 0..rounds {
+        one_pass.run(&frame, &mut out)?;
+    }
+    let fast = started.elapsed().as_secs_f64() * 1000.0 / f64::from(rounds);
+    Ok(format!(
+        "\nShaping one decoded 1280x720 4:2:0 frame to {width}x{height} RGB (a part's figure): \
+         {exact:.2} ms as the service does it (swscale to RGB, then Pillow's bicubic: the \
+         reference's pixels), {fast:.2} ms in one swscale bicubic pass (up to 6 levels off on \
+         detailed pictures).\n"
+    ))
 }
