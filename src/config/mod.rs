@@ -1,0 +1,322 @@
+//! Typed settings, layered: built-in defaults < optional file (`FREE_ROAM_CONFIG`) < `.env`
+//! < the process environment.
+//!
+//! Every variable lives in one table, [`VARIABLES`], with its default and one line of
+//! meaning. The loader, the error messages and `.env.example` (checked by a test) all come
+//! from that table, so they cannot drift apart. Names are the Python Free-Roam service's
+//! (MODEL_PATH, DEFAULT_FPS, REDIS_HOST, ...) so its users can switch without edits.
+//!
+//! The table is in [`variables`]; parsing and validation in `source`; this file holds the
+//! typed settings and where their values come from.
+
+mod source;
+mod variables;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[cfg(test)]
+use source::log_filter;
+use source::Source;
+pub use variables::{default_of, Variable, VARIABLES};
+
+/// Settings that failed to load or validate; the message names the variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{name}: {message} (got {value:?})")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        message: String,
+    },
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error(".env file: {0}")]
+    DotEnv(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelType {
+    Auto,
+    OpenAi,
+}
+
+/// The OpenAI-compatible backend's settings.
+#[derive(Debug, Clone)]
+pub struct OpenAiSettings {
+    pub base_url: String,
+    pub model: String,
+    pub api_key: Option<String>,
+    pub max_concurrency: usize,
+    pub timeout: Duration,
+    pub max_retries: u32,
+    pub max_tokens: u32,
+    pub temperature: f64,
+    /// Longest side of the frames sent; 0 sends them as decoded.
+    pub frame_max_side: u32,
+    pub jpeg_quality: u8,
+}
+
+/// How pipelines fetch, decode and queue.
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    pub max_input_height: u64,
+    pub max_frame_pixels: u64,
+    pub job_queue_frames: usize,
+    pub fetch_timeout: Duration,
+    pub fetch_retries: u32,
+    pub stall_target_durations: u32,
+    pub max_playlist_bytes: usize,
+    pub max_segment_bytes: usize,
+    pub segment_decode_timeout: Duration,
+    pub fast_decode: bool,
+    pub allow_private_networks: bool,
+    pub network_allowlist: Vec<String>,
+    pub redis_block: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimitSettings {
+    pub enabled: bool,
+    pub read_per_minute: u32,
+    pub read_burst: u32,
+    pub write_per_minute: u32,
+    pub write_burst: u32,
+    pub trust_proxy: bool,
+}
+
+/// Validated settings. Nothing outside this module reads the environment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub host: String,
+    pub port: u16,
+    pub database_url: String,
+    pub db_max_connections: u32,
+    pub model_path: Option<PathBuf>,
+    pub model_id: Option<String>,
+    pub model_revision: String,
+    pub extra_models: Vec<(String, PathBuf)>,
+    pub model_cache_bytes: u64,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub model_type: ModelType,
+    pub device: Device,
+    pub openai: OpenAiSettings,
+    pub pipeline: PipelineSettings,
+    pub default_fps: f64,
+    pub max_batch_size: usize,
+    pub max_batch_wait: Duration,
+    pub default_prompt: String,
+    pub max_prompt_bytes: usize,
+    pub redis_host: String,
+    pub redis_port: u16,
+    pub max_concurrent_streams: usize,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub rate_limit: RateLimitSettings,
+    pub cors_origins: Vec<String>,
+    pub api_keys: Vec<String>,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+impl Settings {
+    /// Loads from the real sources: `FREE_ROAM_CONFIG` file, `./.env`, the process environment.
+    pub fn load() -> Result<Self, ConfigError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        let dotenv = Path::new(".env");
+        Self::from_sources(
+            env.get("FREE_ROAM_CONFIG").map(PathBuf::from).as_deref(),
+            dotenv.exists().then_some(dotenv),
+            env,
+        )
+    }
+
+    /// Only the defaults: what a fresh checkout with no environment runs with.
+    pub fn defaults() -> Result<Self, ConfigError> {
+        Self::from_sources(None, None, HashMap::new())
+    }
+
+    /// Builds settings from explicit sources, lowest precedence first. Tests use this so they
+    /// never touch the process environment.
+    pub fn from_sources(
+        file: Option<&Path>,
+        dotenv: Option<&Path>,
+        env: HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let mut values: HashMap<String, String> = VARIABLES
+            .iter()
+            .map(|v| (v.name.to_owned(), v.default.to_owned()))
+            .collect();
+        if let Some(path) = file {
+            for (key, value) in read_file(path)? {
+                values.insert(key, value);
+            }
+        }
+        // `.env` values are overridden by the real environment, never the other way round.
+        if let Some(path) = dotenv {
+            for item in
+                dotenvy::from_path_iter(path).map_err(|e| ConfigError::DotEnv(e.to_string()))?
+            {
+                let (k, v) = item.map_err(|e| ConfigError::DotEnv(e.to_string()))?;
+                if values.contains_key(&k) {
+                    values.insert(k, v);
+                }
+            }
+        }
+        for (k, v) in env {
+            if values.contains_key(&k) {
+                values.insert(k, v);
+            }
+        }
+        Source(values).settings()
+    }
+}
+
+/// Reads a settings file (TOML, YAML or JSON, by extension) with the `config` crate. Keys are
+/// the variable names in any case; an unknown key is an error, so typos do not pass silently.
+fn read_file(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
+    let err = |message: String| ConfigError::File {
+        path: path.to_owned(),
+        message,
+    };
+    if !path.exists() {
+        return Err(err("does not exist (set by FREE_ROAM_CONFIG)".into()));
+    }
+    let table: HashMap<String, config::Value> = config::Config::builder()
+        .add_source(config::File::from(path))
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| err(e.to_string()))?;
+    let mut out = Vec::new();
+    for (key, value) in table {
+        let name = key.to_ascii_uppercase();
+        if !VARIABLES.iter().any(|v| v.name == name) {
+            return Err(err(format!(
+                "unknown setting {key:?}; see .env.example for the names"
+            )));
+        }
+        let value = value
+            .into_string()
+            .map_err(|e| err(format!("{name}: {e}")))?;
+        out.push((name, value));
+    }
+    Ok(out)
+}
+/// Renders `.env.example` from [`VARIABLES`].
+pub fn env_example() -> String {
+    let mut out = String::from("# free-roam settings: every variable, its default and its meaning.\n# Precedence: defaults < FREE_ROAM_CONFIG file < .env < process environment.\n");
+    for var in VARIABLES {
+        out.push_str(&format!(
+            "\n# {}\n{}=\"{}\"\n",
+            var.meaning, var.name, var.default
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let s = Settings::defaults().unwrap();
+        assert_eq!(s.port, 8000);
+        assert_eq!(s.default_fps, 2.0);
+        assert_eq!(s.max_batch_size, 8);
+        assert_eq!(s.max_concurrent_streams, 10);
+        assert_eq!(s.max_body_bytes, 1 << 20);
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert!(s.database_url.starts_with("sqlite:"));
+    }
+
+    #[test]
+    fn bad_value_names_the_variable() {
+        let err = Settings::from_sources(None, None, env(&[("DEFAULT_FPS", "fast")])).unwrap_err();
+        assert!(err.to_string().starts_with("DEFAULT_FPS:"), "{err}");
+        let err = Settings::from_sources(None, None, env(&[("DEFAULT_FPS", "61")])).unwrap_err();
+        assert!(err.to_string().starts_with("DEFAULT_FPS:"), "{err}");
+        let err = Settings::from_sources(None, None, env(&[("LOG_FORMAT", "xml")])).unwrap_err();
+        assert!(err.to_string().starts_with("LOG_FORMAT:"), "{err}");
+        let err = Settings::from_sources(None, None, env(&[("MODEL_TYPE", "openai")])).unwrap_err();
+        assert!(err.to_string().starts_with("OPENAI_BASE_URL:"), "{err}");
+    }
+
+    #[test]
+    fn layers_in_order_file_then_dotenv_then_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("free-roam.toml");
+        std::fs::write(
+            &file,
+            "PORT = 7000\nMAX_BATCH_SIZE = 3\nREDIS_PORT = 6000\n",
+        )
+        .unwrap();
+        let dotenv = dir.path().join(".env");
+        std::fs::write(&dotenv, "MAX_BATCH_SIZE=4\nREDIS_PORT=6001\n").unwrap();
+        let s = Settings::from_sources(Some(&file), Some(&dotenv), env(&[("REDIS_PORT", "6002")]))
+            .unwrap();
+        assert_eq!(s.port, 7000, "file beats defaults");
+        assert_eq!(s.max_batch_size, 4, ".env beats file");
+        assert_eq!(s.redis_port, 6002, "environment beats .env");
+    }
+
+    #[test]
+    fn seed_log_levels_map_to_filters() {
+        assert_eq!(log_filter("WARNING").as_deref(), Some("warn"));
+        assert_eq!(log_filter("CRITICAL").as_deref(), Some("error"));
+        assert_eq!(
+            log_filter("free_roam=debug").as_deref(),
+            Some("free_roam=debug")
+        );
+    }
+
+    /// `.env.example` must list exactly the variables of [`VARIABLES`] with their defaults.
+    #[test]
+    fn env_example_matches_the_settings() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.env.example")).unwrap();
+        let listed: Vec<(String, String)> = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#') && l.contains('='))
+            .map(|l| {
+                let (k, v) = l.split_once('=').unwrap();
+                (k.trim().to_owned(), v.trim().trim_matches('"').to_owned())
+            })
+            .collect();
+        let expected: Vec<(String, String)> = VARIABLES
+            .iter()
+            .map(|v| (v.name.to_owned(), v.default.to_owned()))
+            .collect();
+        assert_eq!(listed, expected, ".env.example disagrees with config::VARIABLES; regenerate it with `free-roam dev env-example > .env.example`");
+        for var in VARIABLES {
+            assert!(
+                text.contains(var.meaning),
+                "{} has no meaning line in .env.example",
+                var.name
+            );
+        }
+    }
+}

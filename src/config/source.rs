@@ -1,0 +1,354 @@
+//! Turns the layered raw values into validated [`Settings`]: parsing, ranges, and error
+//! messages that name the variable.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use super::*;
+
+/// The merged configuration, read one named variable at a time.
+pub(super) struct Source(pub(super) HashMap<String, String>);
+
+impl Source {
+    fn raw(&self, name: &'static str) -> String {
+        self.0
+            .get(name)
+            .map(String::as_str)
+            .unwrap_or_else(|| default_of(name))
+            .trim()
+            .to_owned()
+    }
+
+    fn parse<T: FromStr>(&self, name: &'static str, what: &str) -> Result<T, ConfigError> {
+        let value = self.raw(name);
+        value.parse().map_err(|_| ConfigError::Invalid {
+            name,
+            value: value.clone(),
+            message: format!("expected {what}"),
+        })
+    }
+
+    fn ranged<T>(
+        &self,
+        name: &'static str,
+        what: &str,
+        ok: impl Fn(&T) -> bool,
+    ) -> Result<T, ConfigError>
+    where
+        T: FromStr,
+    {
+        let v: T = self.parse(name, what)?;
+        if ok(&v) {
+            Ok(v)
+        } else {
+            Err(ConfigError::Invalid {
+                name,
+                value: self.raw(name),
+                message: format!("expected {what}"),
+            })
+        }
+    }
+
+    fn flag(&self, name: &'static str) -> Result<bool, ConfigError> {
+        match self.raw(name).to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" | "" => Ok(false),
+            _ => Err(self.invalid(name, "expected true or false")),
+        }
+    }
+
+    fn list(&self, name: &'static str) -> Vec<String> {
+        self.raw(name)
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn invalid(&self, name: &'static str, message: &str) -> ConfigError {
+        ConfigError::Invalid {
+            name,
+            value: self.raw(name),
+            message: message.to_owned(),
+        }
+    }
+
+    pub(super) fn settings(&self) -> Result<Settings, ConfigError> {
+        let model_type = match self.raw("MODEL_TYPE").to_ascii_lowercase().as_str() {
+            "auto" | "" => ModelType::Auto,
+            "openai" => ModelType::OpenAi,
+            _ => return Err(self.invalid("MODEL_TYPE", "expected auto or openai")),
+        };
+        let device = match self.raw("DEVICE").to_ascii_lowercase().as_str() {
+            "auto" | "" => Device::Auto,
+            "cpu" => Device::Cpu,
+            "cuda" => Device::Cuda,
+            _ => return Err(self.invalid("DEVICE", "expected auto, cpu or cuda")),
+        };
+        let log_format = match self.raw("LOG_FORMAT").to_ascii_lowercase().as_str() {
+            "json" => LogFormat::Json,
+            "text" => LogFormat::Text,
+            _ => return Err(self.invalid("LOG_FORMAT", "expected json or text")),
+        };
+        let log_level = log_filter(&self.raw("LOG_LEVEL")).ok_or_else(|| {
+            self.invalid(
+                "LOG_LEVEL",
+                "expected DEBUG, INFO, WARNING, ERROR, CRITICAL or a tracing filter",
+            )
+        })?;
+        let database_url = self.raw("DATABASE_URL");
+        if !(database_url.starts_with("sqlite:")
+            || database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://"))
+        {
+            return Err(self.invalid("DATABASE_URL", "expected sqlite://PATH or postgres://..."));
+        }
+        let openai_base_url = self.raw("OPENAI_BASE_URL");
+        if !openai_base_url.is_empty() {
+            let parsed = url::Url::parse(&openai_base_url)
+                .map_err(|_| self.invalid("OPENAI_BASE_URL", "expected an http(s) URL"))?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(self.invalid("OPENAI_BASE_URL", "expected an http(s) URL"));
+            }
+        }
+        if model_type == ModelType::OpenAi && openai_base_url.is_empty() {
+            return Err(self.invalid("OPENAI_BASE_URL", "must be set when MODEL_TYPE=openai"));
+        }
+        let model_path = self.raw("MODEL_PATH");
+        let cors_origins = self.list("CORS_ORIGINS");
+        for origin in &cors_origins {
+            if origin != "*" && http::HeaderValue::from_str(origin).is_err() {
+                return Err(self.invalid(
+                    "CORS_ORIGINS",
+                    "expected comma-separated origins such as https://app.example.com, or *",
+                ));
+            }
+        }
+        let nonzero = |v: &u32| *v > 0;
+        Ok(Settings {
+            host: self.raw("HOST"),
+            port: self.parse("PORT", "a port number 0-65535")?,
+            database_url,
+            db_max_connections: self.ranged(
+                "DB_MAX_CONNECTIONS",
+                "a whole number from 1 to 1000",
+                |v: &u32| (1..=1000).contains(v),
+            )?,
+            model_path: (!model_path.is_empty()).then(|| PathBuf::from(model_path)),
+            model_id: Some(self.raw("MODEL_ID")).filter(|m| !m.is_empty()),
+            model_revision: self.raw("MODEL_REVISION"),
+            extra_models: self
+                .list("EXTRA_MODELS")
+                .iter()
+                .map(|pair| match pair.split_once('=') {
+                    Some((n, d)) if !n.trim().is_empty() && !d.trim().is_empty() => {
+                        Ok((n.trim().to_owned(), PathBuf::from(d.trim())))
+                    }
+                    _ => Err(self.invalid("EXTRA_MODELS", "expected name=/dir,name2=/dir2")),
+                })
+                .collect::<Result<_, _>>()?,
+            model_cache_bytes: self
+                .ranged("MODEL_CACHE_BYTES", "bytes above 0", |v: &u64| *v > 0)?,
+            max_new_tokens: self.ranged(
+                "MAX_NEW_TOKENS",
+                "a whole number from 1 to 4096",
+                |v: &usize| (1..=4096).contains(v),
+            )?,
+            temperature: self.ranged("TEMPERATURE", "a number from 0 to 2", |v: &f64| {
+                (0.0..=2.0).contains(v)
+            })?,
+            model_type,
+            device,
+            openai: OpenAiSettings {
+                base_url: openai_base_url,
+                model: self.raw("OPENAI_MODEL"),
+                api_key: Some(self.raw("OPENAI_API_KEY")).filter(|k| !k.is_empty()),
+                max_concurrency: self.ranged(
+                    "OPENAI_MAX_CONCURRENCY",
+                    "a whole number from 1 to 1024",
+                    |v: &usize| (1..=1024).contains(v),
+                )?,
+                timeout: Duration::from_secs(self.ranged(
+                    "OPENAI_TIMEOUT_SECS",
+                    "seconds from 1 to 3600",
+                    |v: &u64| (1..=3600).contains(v),
+                )?),
+                max_retries: self.ranged(
+                    "OPENAI_MAX_RETRIES",
+                    "a whole number from 0 to 20",
+                    |v: &u32| *v <= 20,
+                )?,
+                max_tokens: self.ranged(
+                    "OPENAI_MAX_TOKENS",
+                    "a whole number from 1 to 32768",
+                    |v: &u32| (1..=32768).contains(v),
+                )?,
+                temperature: self.ranged(
+                    "OPENAI_TEMPERATURE",
+                    "a number from 0 to 2",
+                    |v: &f64| (0.0..=2.0).contains(v),
+                )?,
+                frame_max_side: self.ranged(
+                    "FRAME_MAX_SIDE",
+                    "0 or pixels from 16 to 16384",
+                    |v: &u32| *v == 0 || (16..=16384).contains(v),
+                )?,
+                jpeg_quality: self.ranged(
+                    "JPEG_QUALITY",
+                    "a whole number from 1 to 100",
+                    |v: &u8| (1..=100).contains(v),
+                )?,
+            },
+            pipeline: PipelineSettings {
+                max_input_height: self.ranged(
+                    "MAX_INPUT_HEIGHT",
+                    "pixels from 1 to 100000",
+                    |v: &u64| (1..=100_000).contains(v),
+                )?,
+                max_frame_pixels: self.ranged(
+                    "MAX_FRAME_PIXELS",
+                    "a whole number above 0",
+                    |v: &u64| *v > 0,
+                )?,
+                job_queue_frames: self.ranged(
+                    "JOB_QUEUE_FRAMES",
+                    "a whole number from 1 to 10000",
+                    |v: &usize| (1..=10_000).contains(v),
+                )?,
+                fetch_timeout: Duration::from_secs(self.ranged(
+                    "HLS_FETCH_TIMEOUT_SECS",
+                    "seconds from 1 to 600",
+                    |v: &u64| (1..=600).contains(v),
+                )?),
+                fetch_retries: self.ranged(
+                    "HLS_FETCH_RETRIES",
+                    "a whole number from 0 to 20",
+                    |v: &u32| *v <= 20,
+                )?,
+                stall_target_durations: self.ranged(
+                    "HLS_STALL_TARGET_DURATIONS",
+                    "a whole number from 1 to 1000",
+                    |v: &u32| (1..=1000).contains(v),
+                )?,
+                max_playlist_bytes: self.ranged(
+                    "MAX_PLAYLIST_BYTES",
+                    "bytes from 1024 up",
+                    |v: &usize| *v >= 1024,
+                )?,
+                max_segment_bytes: self.ranged(
+                    "MAX_SEGMENT_BYTES",
+                    "bytes from 1024 up",
+                    |v: &usize| *v >= 1024,
+                )?,
+                segment_decode_timeout: Duration::from_secs(self.ranged(
+                    "SEGMENT_DECODE_TIMEOUT_SECS",
+                    "seconds from 1 to 3600",
+                    |v: &u64| (1..=3600).contains(v),
+                )?),
+                fast_decode: self.flag("FAST_DECODE")?,
+                allow_private_networks: self.flag("ALLOW_PRIVATE_NETWORKS")?,
+                network_allowlist: self.list("NETWORK_ALLOWLIST"),
+                redis_block: Duration::from_millis(self.ranged(
+                    "REDIS_BLOCK_MS",
+                    "milliseconds from 10 to 60000",
+                    |v: &u64| (10..=60_000).contains(v),
+                )?),
+            },
+            default_fps: self.ranged("DEFAULT_FPS", "a number from 0.1 to 60", |v: &f64| {
+                crate::domain::Fps::RANGE.contains(v)
+            })?,
+            max_batch_size: self.ranged(
+                "MAX_BATCH_SIZE",
+                "a whole number from 1 to 256",
+                |v: &usize| (1..=256).contains(v),
+            )?,
+            max_batch_wait: Duration::from_millis(self.ranged(
+                "MAX_BATCH_WAIT_MS",
+                "milliseconds from 0 to 60000",
+                |v: &u64| *v <= 60_000,
+            )?),
+            default_prompt: {
+                let p = self.raw("DEFAULT_PROMPT");
+                if p.is_empty() {
+                    return Err(self.invalid("DEFAULT_PROMPT", "must not be empty"));
+                }
+                p
+            },
+            max_prompt_bytes: self.ranged(
+                "MAX_PROMPT_BYTES",
+                "bytes from 1 to 1048576",
+                |v: &usize| (1..=1_048_576).contains(v),
+            )?,
+            redis_host: self.raw("REDIS_HOST"),
+            redis_port: self.parse("REDIS_PORT", "a port number")?,
+            max_concurrent_streams: self.ranged(
+                "MAX_CONCURRENT_STREAMS",
+                "a whole number from 1 to 100000",
+                |v: &usize| (1..=100_000).contains(v),
+            )?,
+            log_level,
+            log_format,
+            rate_limit: RateLimitSettings {
+                enabled: self.flag("RATE_LIMIT_ENABLED")?,
+                read_per_minute: self.ranged(
+                    "RATE_LIMIT_READ_PER_MINUTE",
+                    "a whole number above 0",
+                    nonzero,
+                )?,
+                read_burst: self.ranged(
+                    "RATE_LIMIT_READ_BURST",
+                    "a whole number above 0",
+                    nonzero,
+                )?,
+                write_per_minute: self.ranged(
+                    "RATE_LIMIT_WRITE_PER_MINUTE",
+                    "a whole number above 0",
+                    nonzero,
+                )?,
+                write_burst: self.ranged(
+                    "RATE_LIMIT_WRITE_BURST",
+                    "a whole number above 0",
+                    nonzero,
+                )?,
+                trust_proxy: self.flag("TRUST_PROXY")?,
+            },
+            cors_origins,
+            api_keys: self.list("API_KEYS"),
+            max_body_bytes: self.ranged(
+                "MAX_BODY_BYTES",
+                "bytes from 1024 to 1073741824",
+                |v: &usize| (1024..=1 << 30).contains(v),
+            )?,
+            request_timeout: Duration::from_secs(self.ranged(
+                "REQUEST_TIMEOUT_SECS",
+                "seconds from 1 to 3600",
+                |v: &u64| (1..=3600).contains(v),
+            )?),
+            shutdown_timeout: Duration::from_secs(self.ranged(
+                "SHUTDOWN_TIMEOUT_SECS",
+                "seconds from 1 to 3600",
+                |v: &u64| (1..=3600).contains(v),
+            )?),
+        })
+    }
+}
+
+/// Maps the seed's Python log levels onto a tracing filter; passes tracing filters through.
+pub(super) fn log_filter(level: &str) -> Option<String> {
+    let mapped = match level.to_ascii_uppercase().as_str() {
+        "DEBUG" => "debug",
+        "INFO" | "" => "info",
+        "WARNING" | "WARN" => "warn",
+        "ERROR" | "CRITICAL" => "error",
+        "TRACE" => "trace",
+        _ => {
+            return tracing_subscriber::EnvFilter::try_new(level)
+                .ok()
+                .map(|_| level.to_owned())
+        }
+    };
+    Some(mapped.to_owned())
+}

@@ -1,0 +1,88 @@
+//! Every setting the service reads, in one table: name, default and one line of meaning.
+//! The loader, its error messages and `.env.example` all come from here.
+
+/// One configuration variable: its environment name, default and meaning.
+#[derive(Debug, Clone, Copy)]
+pub struct Variable {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub meaning: &'static str,
+}
+
+macro_rules! variables {
+    ($($name:literal = $default:literal : $meaning:literal;)*) => {
+        /// Every setting the service reads, in the order `.env.example` lists them.
+        pub const VARIABLES: &[Variable] = &[
+            $(Variable { name: $name, default: $default, meaning: $meaning },)*
+        ];
+    };
+}
+
+variables! {
+    "HOST" = "0.0.0.0" : "Address the HTTP server binds to.";
+    "PORT" = "8000" : "TCP port of the HTTP server (0 picks a free port).";
+    "DATABASE_URL" = "sqlite://data/free-roam.db?mode=rwc" : "sqlite://PATH (embedded, created on first start) or postgres://USER@HOST:PORT/DB.";
+    "DB_MAX_CONNECTIONS" = "10" : "Size of the database connection pool.";
+    "MODEL_PATH" = "" : "Local model directory (config.json, tokenizer.json, *.safetensors); empty for none.";
+    "MODEL_ID" = "" : "Hugging Face model id to fetch when MODEL_PATH is empty, e.g. google/paligemma-3b-mix-224 (needs internet).";
+    "MODEL_REVISION" = "main" : "Hub revision to fetch; pin a commit hash for repeatable deployments.";
+    "EXTRA_MODELS" = "" : "More local models jobs may name: name=/dir,name2=/dir2 (the default model is MODEL_PATH's folder name).";
+    "MODEL_CACHE_BYTES" = "8589934592" : "Weight bytes of in-process models kept loaded at once; least recently used idle models are evicted.";
+    "MAX_NEW_TOKENS" = "32" : "Longest answer the in-process model generates per frame.";
+    "TEMPERATURE" = "0" : "In-process sampling temperature; 0 is greedy decoding.";
+    "MODEL_TYPE" = "auto" : "Model backend: auto (from MODEL_PATH's config.json) or openai (a remote OpenAI-compatible server).";
+    "DEVICE" = "auto" : "Device for in-process models: auto, cpu or cuda.";
+    "OPENAI_BASE_URL" = "" : "Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8001/v1 (MODEL_TYPE=openai).";
+    "OPENAI_MODEL" = "" : "Model name sent to the OpenAI-compatible server.";
+    "OPENAI_API_KEY" = "" : "Bearer token for the OpenAI-compatible server; empty for none.";
+    "OPENAI_MAX_CONCURRENCY" = "4" : "Requests in flight at once to the OpenAI-compatible server.";
+    "OPENAI_TIMEOUT_SECS" = "60" : "Timeout of one request to the OpenAI-compatible server.";
+    "OPENAI_MAX_RETRIES" = "3" : "Retries of a request that timed out or got 429/5xx (Retry-After is honoured).";
+    "OPENAI_MAX_TOKENS" = "256" : "max_tokens sent with each request.";
+    "OPENAI_TEMPERATURE" = "0" : "temperature sent with each request (0 is greedy).";
+    "FRAME_MAX_SIDE" = "768" : "Frames sent to an OpenAI-compatible server are scaled down so neither side exceeds this many pixels (0 = as decoded).";
+    "JPEG_QUALITY" = "85" : "JPEG quality (1-100) of frames sent to an OpenAI-compatible server.";
+    "DEFAULT_FPS" = "2.0" : "Frames sampled per second of media when a job gives no fps (0.1 to 60).";
+    "MAX_BATCH_SIZE" = "8" : "Largest batch of frames sent to the model at once.";
+    "MAX_BATCH_WAIT_MS" = "50" : "Longest a frame waits for its batch to fill before the batch is sent.";
+    "DEFAULT_PROMPT" = "Describe what is happening in this frame." : "Global prompt version 1, used until a global prompt is posted.";
+    "MAX_PROMPT_BYTES" = "8192" : "Largest prompt accepted, in bytes of UTF-8.";
+    "MAX_INPUT_HEIGHT" = "720" : "HLS master playlists: the highest-bandwidth variant at most this tall is chosen.";
+    "MAX_FRAME_PIXELS" = "8294400" : "Frames with more pixels than this (default 3840x2160) fail the job.";
+    "JOB_QUEUE_FRAMES" = "16" : "Frames a job may have waiting for the model; live HLS drops the oldest beyond it, VOD and Redis wait.";
+    "HLS_FETCH_TIMEOUT_SECS" = "10" : "Timeout of one playlist or segment request.";
+    "HLS_FETCH_RETRIES" = "3" : "Retries of a failed playlist or segment request (capped, jittered backoff).";
+    "HLS_STALL_TARGET_DURATIONS" = "6" : "A live playlist that adds nothing (or cannot be fetched) for this many target durations fails the job.";
+    "MAX_PLAYLIST_BYTES" = "1048576" : "Largest playlist accepted.";
+    "MAX_SEGMENT_BYTES" = "52428800" : "Largest segment (or init section) accepted.";
+    "FAST_DECODE" = "false" : "Skip H.264/HEVC deblocking when decoding: about a fifth less CPU, slightly blockier frames.";
+    "SEGMENT_DECODE_TIMEOUT_SECS" = "30" : "A segment still decoding after this long is abandoned and counted.";
+    "ALLOW_PRIVATE_NETWORKS" = "false" : "Allow HLS URLs that resolve to loopback, private, link-local or metadata addresses.";
+    "NETWORK_ALLOWLIST" = "" : "Comma-separated hosts exempt from the private-address check.";
+    "REDIS_BLOCK_MS" = "1000" : "How long one XREADGROUP waits for new entries.";
+    "REDIS_HOST" = "localhost" : "Redis host for bare stream keys (the seed's form of stream_ref).";
+    "REDIS_PORT" = "6379" : "Redis port for bare stream keys.";
+    "MAX_CONCURRENT_STREAMS" = "10" : "Most jobs pending or running at once; more are refused with 429.";
+    "LOG_LEVEL" = "INFO" : "DEBUG, INFO, WARNING, ERROR or CRITICAL, or a tracing filter such as free_roam=debug.";
+    "LOG_FORMAT" = "json" : "json or text.";
+    "RATE_LIMIT_ENABLED" = "true" : "Apply per-client rate limits to /api routes.";
+    "RATE_LIMIT_READ_PER_MINUTE" = "600" : "Read calls (GET) per client per minute.";
+    "RATE_LIMIT_READ_BURST" = "60" : "Read calls a client may make at once before the per-minute rate applies.";
+    "RATE_LIMIT_WRITE_PER_MINUTE" = "60" : "Mutating calls (POST, DELETE) per client per minute.";
+    "RATE_LIMIT_WRITE_BURST" = "10" : "Mutating calls a client may make at once.";
+    "TRUST_PROXY" = "false" : "Key clients by the first X-Forwarded-For address (only behind a trusted proxy).";
+    "CORS_ORIGINS" = "" : "Comma-separated origins allowed by CORS, or * for any; empty disables CORS.";
+    "API_KEYS" = "" : "Comma-separated API keys; when set every /api route needs Authorization: Bearer KEY.";
+    "MAX_BODY_BYTES" = "1048576" : "Largest request body accepted; larger gets 413.";
+    "REQUEST_TIMEOUT_SECS" = "30" : "A request still running after this many seconds gets 503.";
+    "SHUTDOWN_TIMEOUT_SECS" = "20" : "How long shutdown waits for requests and pipelines to finish.";
+}
+
+/// Looks up the default of a variable in [`VARIABLES`].
+pub fn default_of(name: &str) -> &'static str {
+    VARIABLES
+        .iter()
+        .find(|v| v.name == name)
+        .map(|v| v.default)
+        .unwrap_or("")
+}
