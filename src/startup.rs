@@ -103,14 +103,8 @@ impl Application {
                 .clone()
                 .watch(Duration::from_secs(10), shutdown.clone()),
         );
-        let resumed = state
-            .jobs
-            .resume()
-            .await
-            .context("cannot read unfinished jobs")?;
-        if resumed > 0 {
-            tracing::info!(resumed, "resumed unfinished jobs");
-        }
+        // Jobs left unfinished by an earlier run, then new ones, as this replica has room.
+        state.jobs.start_claiming();
 
         let limits = state.rate_limits.clone();
         let sweeper_stop = shutdown.clone();

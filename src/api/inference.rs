@@ -71,9 +71,13 @@ pub struct JobView {
     /// Models the backend holds in memory now: `[{name, bytes}]`.
     #[schema(value_type = Object)]
     pub models_loaded: Value,
-    /// Pipeline counters (segments, frames, drops, errors, lag...).
+    /// Pipeline counters (segments, frames, drops, errors, lag...): live from the replica
+    /// that answers when it runs the job, else as its owner saved them (every second).
     #[schema(value_type = Object)]
     pub stats: Value,
+    /// The replica running the job (REPLICA_ID, HOSTNAME or a random id); null when none
+    /// holds it (waiting to be claimed, or finished and never run).
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -216,6 +220,7 @@ pub(super) async fn job_view(state: &AppState, job: JobRecord) -> Result<JobView
         priority: job.priority,
         from_beginning: job.from_beginning,
         stats,
+        owner: job.owner,
     })
 }
 

@@ -124,7 +124,13 @@ pub struct Settings {
     pub max_prompt_bytes: usize,
     pub redis_host: String,
     pub redis_port: u16,
+    /// Jobs this replica runs at once.
     pub max_concurrent_streams: usize,
+    /// Jobs pending or running across the cluster before 429.
+    pub max_active_jobs: usize,
+    /// This replica's id: REPLICA_ID, else HOSTNAME, else random.
+    pub replica_id: String,
+    pub lease_ttl: Duration,
     pub log_level: String,
     pub log_format: LogFormat,
     pub rate_limit: RateLimitSettings,
@@ -180,7 +186,7 @@ impl Settings {
             }
         }
         for (k, v) in env {
-            if values.contains_key(&k) {
+            if values.contains_key(&k) || k == source::HOSTNAME {
                 values.insert(k, v);
             }
         }

@@ -9,6 +9,10 @@ use std::time::Duration;
 use super::*;
 
 /// The merged configuration, read one named variable at a time.
+/// Not a setting of ours but the environment's: Kubernetes sets it to the pod name, the
+/// replica id when REPLICA_ID is empty.
+pub(super) const HOSTNAME: &str = "HOSTNAME";
+
 pub(super) struct Source(pub(super) HashMap<String, String>);
 
 impl Source {
@@ -77,6 +81,11 @@ impl Source {
     }
 
     pub(super) fn settings(&self) -> Result<Settings, ConfigError> {
+        let max_concurrent_streams = self.ranged(
+            "MAX_CONCURRENT_STREAMS",
+            "a whole number from 1 to 100000",
+            |v: &usize| (1..=100_000).contains(v),
+        )?;
         let model_type = match self.raw("MODEL_TYPE").to_ascii_lowercase().as_str() {
             "auto" | "" => ModelType::Auto,
             "openai" => ModelType::OpenAi,
@@ -284,11 +293,31 @@ impl Source {
             )?,
             redis_host: self.raw("REDIS_HOST"),
             redis_port: self.parse("REDIS_PORT", "a port number")?,
-            max_concurrent_streams: self.ranged(
-                "MAX_CONCURRENT_STREAMS",
-                "a whole number from 1 to 100000",
-                |v: &usize| (1..=100_000).contains(v),
-            )?,
+            max_concurrent_streams,
+            max_active_jobs: if self.raw("MAX_ACTIVE_JOBS").is_empty() {
+                max_concurrent_streams
+            } else {
+                self.ranged(
+                    "MAX_ACTIVE_JOBS",
+                    "a whole number from 1 to 10000000",
+                    |v: &usize| (1..=10_000_000).contains(v),
+                )?
+            },
+            replica_id: match self.raw("REPLICA_ID") {
+                id if !id.is_empty() => id,
+                _ => match self.0.get(HOSTNAME).map(|h| h.trim()) {
+                    Some(h) if !h.is_empty() => h.to_owned(),
+                    _ => format!(
+                        "replica-{}",
+                        &uuid::Uuid::new_v4().simple().to_string()[..12]
+                    ),
+                },
+            },
+            lease_ttl: Duration::from_secs(self.ranged(
+                "LEASE_TTL_SECS",
+                "seconds from 3 to 3600",
+                |v: &u64| (3..=3600).contains(v),
+            )?),
             log_level,
             log_format,
             rate_limit: RateLimitSettings {

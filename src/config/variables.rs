@@ -62,7 +62,10 @@ variables! {
     "REDIS_BLOCK_MS" = "1000" : "How long one XREADGROUP waits for new entries.";
     "REDIS_HOST" = "localhost" : "Redis host for bare stream keys (the seed's form of stream_ref).";
     "REDIS_PORT" = "6379" : "Redis port for bare stream keys.";
-    "MAX_CONCURRENT_STREAMS" = "10" : "Most jobs pending or running at once; more are refused with 429.";
+    "MAX_CONCURRENT_STREAMS" = "10" : "Most jobs this replica runs at once (each replica claims up to this many).";
+    "MAX_ACTIVE_JOBS" = "" : "Most jobs pending or running across all replicas; more are refused with 429. Empty: MAX_CONCURRENT_STREAMS (right for one replica).";
+    "REPLICA_ID" = "" : "This replica's id, the owner of the jobs it runs. Empty: HOSTNAME (the pod name on Kubernetes), else a random id.";
+    "LEASE_TTL_SECS" = "15" : "How long a replica's hold on a job lasts unless renewed (every third of it); a crashed replica's jobs move after this.";
     "LOG_LEVEL" = "INFO" : "DEBUG, INFO, WARNING, ERROR or CRITICAL, or a tracing filter such as free_roam=debug.";
     "LOG_FORMAT" = "json" : "json or text.";
     "RATE_LIMIT_ENABLED" = "true" : "Apply per-client rate limits to /api routes.";

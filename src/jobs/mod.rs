@@ -1,5 +1,11 @@
-//! The job manager: admits jobs, spawns and supervises one pipeline per job, cancels them,
-//! resumes unfinished jobs at start, and stops them all at shutdown.
+//! The job manager: admits jobs, claims runnable jobs for this replica (leases in the store),
+//! spawns and supervises one pipeline per claimed job, renews its leases, stops a pipeline
+//! whose job was cancelled or taken over, and at shutdown stops them all and releases their
+//! leases so another replica resumes them at once.
+//!
+//! Admission is cluster-wide (MAX_ACTIVE_JOBS pending or running in the database); running is
+//! per replica (MAX_CONCURRENT_STREAMS claimed here). A job is started only by a claim, never
+//! directly by the request that created it, so one path serves one process and many.
 //!
 //! The API talks to this handle and to the store, never to ingest or decoder internals.
 
@@ -8,6 +14,7 @@ pub mod pipeline;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -18,7 +25,9 @@ use crate::ingest::hls::fetch::{FetchSettings, Fetcher};
 use crate::ingest::ssrf::NetworkPolicy;
 use crate::retry::Backoff;
 use crate::stats::{Stats, StatsSnapshot};
-use crate::store::{CancelOutcome, CreateJobError, JobRecord, NewJob, Store, StoreError};
+use crate::store::{
+    CancelOutcome, CreateJobError, Dialect, JobRecord, Lease, NewJob, Store, StoreError, Takeover,
+};
 use crate::vlm::Models;
 use dispatch::Dispatchers;
 use pipeline::{Outcome, Pipeline};
@@ -39,16 +48,21 @@ pub struct StartJob {
 pub enum StartError {
     #[error("job_id {0:?} is already taken")]
     Conflict(String),
-    #[error("{active} jobs are already pending or running (MAX_CONCURRENT_STREAMS={limit}); cancel one or retry later")]
+    #[error("{active} jobs are already pending or running across the service (MAX_ACTIVE_JOBS={limit}; unset, it is MAX_CONCURRENT_STREAMS); cancel one or retry later")]
     AtCapacity { active: i64, limit: usize },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
+/// How often the claim loop looks for runnable jobs and for jobs it lost, when nothing wakes
+/// it sooner: what bounds how fast another replica picks up a job or a remote cancel.
+const CLAIM_EVERY: Duration = Duration::from_millis(500);
+
 struct Running {
     cancel: CancellationToken,
     stats: Arc<Stats>,
     redis: bool,
+    lease: Lease,
 }
 
 struct Inner {
@@ -60,6 +74,10 @@ struct Inner {
     running: Mutex<HashMap<String, Running>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// This replica's id: the owner its leases carry.
+    replica: Arc<str>,
+    /// Wakes the claim loop (a job was created or a pipeline ended here).
+    wake: tokio::sync::Notify,
 }
 
 #[derive(Clone)]
@@ -94,6 +112,7 @@ impl JobManager {
             tracker.clone(),
             shutdown.clone(),
         );
+        let replica: Arc<str> = Arc::from(settings.replica_id.as_str());
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
@@ -104,11 +123,19 @@ impl JobManager {
                 running: Mutex::default(),
                 tracker,
                 shutdown,
+                replica,
+                wake: tokio::sync::Notify::new(),
             }),
         })
     }
 
-    /// Admits a job as `pending` and starts its pipeline.
+    /// This replica's id (the owner of the jobs it runs).
+    pub fn replica_id(&self) -> &str {
+        &self.inner.replica
+    }
+
+    /// Admits a job as `pending`; a replica with room claims it (this one within
+    /// milliseconds when it has room, any other within a second).
     pub async fn start(&self, req: StartJob) -> Result<JobRecord, StartError> {
         let job_id = req.job_id.unwrap_or_else(JobId::generate);
         let new = NewJob {
@@ -121,7 +148,7 @@ impl JobManager {
             from_beginning: req.from_beginning,
             prompt: req.prompt.map(PromptText::into_string),
         };
-        let limit = self.inner.settings.max_concurrent_streams;
+        let limit = self.inner.settings.max_active_jobs;
         let job = match self.inner.store.create_job(&new, limit).await {
             Ok(job) => job,
             Err(CreateJobError::Conflict) => return Err(StartError::Conflict(job_id.to_string())),
@@ -130,57 +157,19 @@ impl JobManager {
             }
             Err(CreateJobError::Store(e)) => return Err(e.into()),
         };
-        self.spawn(job.clone());
+        self.inner.wake.notify_one();
         Ok(job)
     }
 
-    /// Starts pipelines for every job left pending or running by an earlier process.
-    pub async fn resume(&self) -> Result<usize, StoreError> {
-        let jobs = self
-            .inner
-            .store
-            .jobs_with_status(&[JobStatus::Pending, JobStatus::Running])
-            .await?;
-        let n = jobs.len();
-        for job in jobs {
-            tracing::info!(job_id = %job.job_id, "resuming job");
-            self.spawn(job);
-        }
-        Ok(n)
-    }
-
-    fn spawn(&self, job: JobRecord) {
+    /// Starts claiming: jobs left by an earlier run of this replica (on SQLite, every active
+    /// job: no other process can hold the file), then, until shutdown, pending jobs and
+    /// jobs whose lease expired, up to MAX_CONCURRENT_STREAMS here. Also renews this
+    /// replica's leases and stops pipelines whose job was cancelled or claimed elsewhere.
+    pub fn start_claiming(&self) {
         let inner = self.inner.clone();
-        let cancel = inner.shutdown.child_token();
-        let saved: StatsSnapshot = serde_json::from_value(job.stats.clone()).unwrap_or_default();
-        let stats = Arc::new(Stats::restore(&saved));
-        {
-            let mut running = inner.running.lock().unwrap_or_else(|p| p.into_inner());
-            if running.contains_key(&job.job_id) {
-                return;
-            }
-            running.insert(
-                job.job_id.clone(),
-                Running {
-                    cancel: cancel.clone(),
-                    stats: stats.clone(),
-                    redis: job.source_type == "redis",
-                },
-            );
-        }
-        let id = job.job_id.clone();
-        let span = tracing::info_span!("job", job_id = %id);
-        self.inner.tracker.spawn(tracing::Instrument::instrument(
-            async move {
-                inner.supervise(job, cancel, stats).await;
-                inner
-                    .running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-            },
-            span,
-        ));
+        self.inner
+            .tracker
+            .spawn(async move { inner.claim_loop().await });
     }
 
     /// Cancels a pending or running job; its pipeline stops within a second.
@@ -234,12 +223,143 @@ impl JobManager {
 }
 
 impl Inner {
-    async fn supervise(&self, job: JobRecord, cancel: CancellationToken, stats: Arc<Stats>) {
+    async fn claim_loop(self: Arc<Self>) {
+        let ttl = self.settings.lease_ttl;
+        let renew_every = ttl / 3;
+        let mut takeover = match self.store.dialect() {
+            Dialect::Sqlite => Takeover::All,
+            Dialect::Postgres => Takeover::OwnFromBefore,
+        };
+        let mut renewed = Instant::now();
+        let mut failing = false;
+        loop {
+            let step = async {
+                if renewed.elapsed() >= renew_every {
+                    self.store.renew_leases(&self.replica, ttl).await?;
+                    renewed = Instant::now();
+                }
+                self.stop_lost().await?;
+                let room = self
+                    .settings
+                    .max_concurrent_streams
+                    .saturating_sub(self.running_count());
+                if room > 0 && !self.shutdown.is_cancelled() {
+                    let claimed = self
+                        .store
+                        .claim_jobs(&self.replica, room, ttl, takeover)
+                        .await?;
+                    takeover = Takeover::Expired;
+                    for (job, lease) in claimed {
+                        tracing::info!(job_id = %job.job_id, token = lease.token, "claimed job");
+                        self.clone().spawn(job, lease);
+                    }
+                }
+                Ok::<(), StoreError>(())
+            };
+            match step.await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("claiming jobs again");
+                }
+                Ok(()) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::error!(error = %e, "cannot claim or renew jobs; retrying");
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(CLAIM_EVERY) => {}
+            }
+        }
+    }
+
+    fn running_count(&self) -> usize {
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Stops the pipelines of jobs this replica no longer holds: cancelled or finished by a
+    /// call to another replica, or claimed by another after this one's lease ran out.
+    async fn stop_lost(&self) -> Result<(), StoreError> {
+        if self.running_count() == 0 {
+            return Ok(());
+        }
+        let held: HashMap<String, i64> = self
+            .store
+            .held_leases(&self.replica)
+            .await?
+            .into_iter()
+            .collect();
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, r) in running.iter() {
+            if held.get(id) != Some(&r.lease.token) && !r.cancel.is_cancelled() {
+                tracing::info!(job_id = %id, "job cancelled, finished or taken over elsewhere; stopping");
+                r.cancel.cancel();
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn(self: Arc<Self>, job: JobRecord, lease: Lease) {
+        let inner = self;
+        let cancel = inner.shutdown.child_token();
+        let saved: StatsSnapshot = serde_json::from_value(job.stats.clone()).unwrap_or_default();
+        let stats = Arc::new(Stats::restore(&saved));
+        {
+            let mut running = inner.running.lock().unwrap_or_else(|p| p.into_inner());
+            if running.contains_key(&job.job_id) {
+                return;
+            }
+            running.insert(
+                job.job_id.clone(),
+                Running {
+                    cancel: cancel.clone(),
+                    stats: stats.clone(),
+                    redis: job.source_type == "redis",
+                    lease: lease.clone(),
+                },
+            );
+        }
+        let id = job.job_id.clone();
+        let span = tracing::info_span!("job", job_id = %id);
+        let tracker = inner.tracker.clone();
+        tracker.spawn(tracing::Instrument::instrument(
+            async move {
+                let stopped = inner.supervise(job, &lease, cancel, stats).await;
+                if stopped {
+                    // Stopped, not ended: give the job up so another replica (or this one,
+                    // after a restart) resumes it at once rather than after the TTL.
+                    if let Err(e) = inner.store.release_lease(&id, &lease).await {
+                        tracing::warn!(error = %e, "cannot release the lease; it runs out instead");
+                    }
+                }
+                inner
+                    .running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                inner.wake.notify_one();
+            },
+            span,
+        ));
+    }
+
+    /// Runs a claimed job to its end; true when it stopped without ending (shutdown, cancel,
+    /// lease lost), so its lease should be released.
+    async fn supervise(
+        &self,
+        job: JobRecord,
+        lease: &Lease,
+        cancel: CancellationToken,
+        stats: Arc<Stats>,
+    ) -> bool {
         let job_id = match JobId::parse(&job.job_id) {
             Ok(id) => id,
             Err(e) => {
                 return self
-                    .finish(&job.job_id, JobStatus::Failed, Some(&e.to_string()))
+                    .finish(&job.job_id, lease, JobStatus::Failed, Some(&e.to_string()))
                     .await
             }
         };
@@ -251,17 +371,17 @@ impl Inner {
             Ok(r) => r.source().clone(),
             Err(e) => {
                 return self
-                    .finish(&job.job_id, JobStatus::Failed, Some(&e.message))
+                    .finish(&job.job_id, lease, JobStatus::Failed, Some(&e.message))
                     .await
             }
         };
         stats.set_source_state("waiting for the model backend");
         let backend = match self.models.wait_ready(&cancel).await {
             Ok(b) => b,
-            Err(_) if cancel.is_cancelled() => return,
+            Err(_) if cancel.is_cancelled() => return true,
             Err(why) => {
                 return self
-                    .finish(&job.job_id, JobStatus::Failed, Some(&why))
+                    .finish(&job.job_id, lease, JobStatus::Failed, Some(&why))
                     .await
             }
         };
@@ -271,29 +391,31 @@ impl Inner {
             .unwrap_or_else(|| self.models.default_name().to_owned());
         // How the model wants its frames; a model it cannot name or load fails the job here.
         let spec = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return true,
             s = backend.frame_spec(&model) => s,
         };
         let spec = match spec {
             Ok(spec) => spec,
             Err(why) => {
                 return self
-                    .finish(&job.job_id, JobStatus::Failed, Some(&why))
+                    .finish(&job.job_id, lease, JobStatus::Failed, Some(&why))
                     .await
             }
         };
         stats.set_source_state("");
-        match self.store.mark_running(&job.job_id).await {
+        match self.store.mark_running(&job.job_id, lease).await {
             Ok(true) => {}
-            Ok(false) => return,
+            // Cancelled, or claimed by another replica, meanwhile.
+            Ok(false) => return true,
             Err(e) => {
                 tracing::error!(error = %e, "cannot mark the job running");
-                return;
+                return true;
             }
         }
         let batcher = self.dispatchers.batcher(&model, backend);
         let pipeline = Pipeline {
             job: job.clone(),
+            lease: lease.clone(),
             job_id,
             source,
             model,
@@ -306,19 +428,33 @@ impl Inner {
             cancel,
         };
         match pipeline.run().await {
-            Outcome::Completed => self.finish(&job.job_id, JobStatus::Completed, None).await,
-            Outcome::Failed(why) => {
-                tracing::warn!(reason = %why, "job failed");
-                self.finish(&job.job_id, JobStatus::Failed, Some(&why))
+            Outcome::Completed => {
+                self.finish(&job.job_id, lease, JobStatus::Completed, None)
                     .await
             }
-            Outcome::Stopped => {}
+            Outcome::Failed(why) => {
+                tracing::warn!(reason = %why, "job failed");
+                self.finish(&job.job_id, lease, JobStatus::Failed, Some(&why))
+                    .await
+            }
+            Outcome::Stopped => true,
         }
     }
 
-    async fn finish(&self, job_id: &str, status: JobStatus, error: Option<&str>) {
-        if let Err(e) = self.store.finish_job(job_id, status, error).await {
-            tracing::error!(job_id, error = %e, "cannot record how the job ended");
+    /// Records how the job ended; false (nothing to release) unless the write failed.
+    async fn finish(
+        &self,
+        job_id: &str,
+        lease: &Lease,
+        status: JobStatus,
+        error: Option<&str>,
+    ) -> bool {
+        match self.store.finish_job(job_id, lease, status, error).await {
+            Ok(_) => false,
+            Err(e) => {
+                tracing::error!(job_id, error = %e, "cannot record how the job ended");
+                true
+            }
         }
     }
 }

@@ -31,7 +31,7 @@ use crate::media::{Frame, FrameSpec, Still};
 use crate::retry::Backoff;
 use crate::stats::LatencyWindow;
 use crate::stats::Stats;
-use crate::store::{JobRecord, NewResult, Saved, Store};
+use crate::store::{Appended, JobRecord, Lease, NewResult, Saved, Store, StoreError};
 
 /// How a pipeline ended.
 #[derive(Debug, PartialEq)]
@@ -67,6 +67,8 @@ enum Pending {
 
 pub struct Pipeline {
     pub job: JobRecord,
+    /// This replica's hold on the job: every write carries it.
+    pub lease: Lease,
     pub job_id: JobId,
     pub source: Source,
     pub model: String,
@@ -117,6 +119,7 @@ impl Pipeline {
             }
         };
         let writer = Writer {
+            lease: self.lease.clone(),
             latency: std::sync::Mutex::new(latency),
             store: self.store.clone(),
             job_id: self.job_id.clone(),
@@ -433,6 +436,7 @@ impl Pipeline {
 /// Stores answers in order, acknowledges Redis entries, saves progress, stats and latency
 /// percentiles.
 struct Writer {
+    lease: Lease,
     latency: std::sync::Mutex<LatencyWindow>,
     store: Store,
     job_id: JobId,
@@ -467,6 +471,12 @@ impl Writer {
                     let l = done.latency;
                     let phases = [l.queue, l.preprocess, l.inference, l.total];
                     let result = NewResult {
+                        // Where in the source this frame came from: what makes a result
+                        // repeated after a crash or a takeover recognisable.
+                        source_key: match &ack {
+                            Some(id) => format!("redis:{id}"),
+                            None => format!("pts:{pts_ms}"),
+                        },
                         pts_ms,
                         prompt_scope: done.prompt_scope,
                         prompt_version: done.prompt_version,
@@ -479,21 +489,25 @@ impl Writer {
                         batch_size: done.batch_size as i64,
                         latency: json!(done.latency),
                     };
-                    if !self.store_result(&result).await {
-                        return;
+                    match self.store_result(&result).await {
+                        Some(Appended::New(_)) => {
+                            if let Ok(mut w) = self.latency.lock() {
+                                w.push(phases);
+                            }
+                            Stats::add(
+                                if failed {
+                                    &self.stats.errors
+                                } else {
+                                    &self.stats.results
+                                },
+                                1,
+                            );
+                            self.stats.last_pts_ms.store(pts_ms, Ordering::Relaxed);
+                        }
+                        // Stored by an earlier run of this job: acknowledged, not counted.
+                        Some(Appended::Duplicate) => {}
+                        None => return,
                     }
-                    if let Ok(mut w) = self.latency.lock() {
-                        w.push(phases);
-                    }
-                    Stats::add(
-                        if failed {
-                            &self.stats.errors
-                        } else {
-                            &self.stats.results
-                        },
-                        1,
-                    );
-                    self.stats.last_pts_ms.store(pts_ms, Ordering::Relaxed);
                     if let (Some(acker), Some(id)) = (&self.acker, ack) {
                         if !acker.ack(&id, &self.cancel).await {
                             return;
@@ -514,22 +528,39 @@ impl Writer {
         }
     }
 
-    /// Stores a result, retrying while the database is away; false if cancelled first.
-    async fn store_result(&self, result: &NewResult) -> bool {
+    /// Stores a result, retrying while the database is away; `None` if cancelled first or
+    /// fenced (another replica owns the job now: this pipeline stops).
+    async fn store_result(&self, result: &NewResult) -> Option<Appended> {
         let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), u32::MAX);
         let mut failures = 0;
         loop {
-            match self.store.append_result(self.job_id.as_str(), result).await {
-                Ok(_) => return true,
+            match self
+                .store
+                .append_result(self.job_id.as_str(), &self.lease, result)
+                .await
+            {
+                Ok(appended) => return Some(appended),
+                Err(StoreError::Fenced) => {
+                    self.fenced();
+                    return None;
+                }
                 Err(e) => {
                     failures += 1;
                     tracing::error!(job_id = %self.job_id, error = %e, "cannot store a result; retrying");
                     tokio::select! {
-                        _ = self.cancel.cancelled() => return false,
+                        _ = self.cancel.cancelled() => return None,
                         _ = tokio::time::sleep(backoff.delay(failures.min(8), None)) => {}
                     }
                 }
             }
+        }
+    }
+
+    /// The lease has passed to another claim: stop, writing nothing more.
+    fn fenced(&self) {
+        if !self.cancel.is_cancelled() {
+            tracing::warn!(job_id = %self.job_id, token = self.lease.token, "lease lost to another claim; stopping");
+            self.cancel.cancel();
         }
     }
 
@@ -554,10 +585,17 @@ impl Writer {
         let progress = progress.map(|p| serde_json::to_value(p).unwrap_or_default());
         let saved = self
             .store
-            .save_progress(self.job_id.as_str(), &record, progress.as_ref())
+            .save_progress(
+                self.job_id.as_str(),
+                &self.lease,
+                &record,
+                progress.as_ref(),
+            )
             .await;
-        if let Err(e) = saved {
-            tracing::warn!(job_id = %self.job_id, error = %e, "cannot save job progress");
+        match saved {
+            Ok(()) => {}
+            Err(StoreError::Fenced) => self.fenced(),
+            Err(e) => tracing::warn!(job_id = %self.job_id, error = %e, "cannot save job progress"),
         }
         now
     }

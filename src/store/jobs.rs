@@ -154,35 +154,41 @@ impl Store {
         })
     }
 
-    /// Marks an active job running (first start only sets `started_at`).
-    pub async fn mark_running(&self, job_id: &str) -> Result<bool, StoreError> {
+    /// Marks an active job running (first start only sets `started_at`), under its lease.
+    pub async fn mark_running(&self, job_id: &str, lease: &Lease) -> Result<bool, StoreError> {
         let n = sqlx::query(
             "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, $2) \
-             WHERE job_id = $1 AND status IN ('pending', 'running')",
+             WHERE job_id = $1 AND status IN ('pending', 'running') AND owner = $3 AND lease_token = $4",
         )
         .bind(job_id)
         .bind(now_secs())
+        .bind(lease.owner.as_ref())
+        .bind(lease.token)
         .execute(&self.pool)
         .await?
         .rows_affected();
         Ok(n == 1)
     }
 
-    /// Ends an active job as completed or failed; a job cancelled meanwhile stays cancelled.
+    /// Ends an active job as completed or failed, under its lease; a job cancelled (or taken
+    /// over) meanwhile is left as it is.
     pub async fn finish_job(
         &self,
         job_id: &str,
+        lease: &Lease,
         status: JobStatus,
         error: Option<&str>,
     ) -> Result<bool, StoreError> {
         let n = sqlx::query(
             "UPDATE jobs SET status = $2, error = $3, completed_at = $4 \
-             WHERE job_id = $1 AND status IN ('pending', 'running')",
+             WHERE job_id = $1 AND status IN ('pending', 'running') AND owner = $5 AND lease_token = $6",
         )
         .bind(job_id)
         .bind(status.as_str())
         .bind(error)
         .bind(now_secs())
+        .bind(lease.owner.as_ref())
+        .bind(lease.token)
         .execute(&self.pool)
         .await?
         .rows_affected();
@@ -190,24 +196,32 @@ impl Store {
     }
 
     /// Saves a job's counters and latency percentiles, and its resume progress (last segment,
-    /// decoder and sampler state) when given; without it the saved progress stays.
+    /// decoder and sampler state) when given; without it the saved progress stays. Refused
+    /// ([`StoreError::Fenced`]) once the lease has passed on.
     pub async fn save_progress(
         &self,
         job_id: &str,
+        lease: &Lease,
         saved: &Saved<'_>,
         progress: Option<&Value>,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        let n = sqlx::query(
             "UPDATE jobs SET frames_processed = $2, stats = $3, latency = $4, \
-             progress = COALESCE($5, progress) WHERE job_id = $1",
+             progress = COALESCE($5, progress) WHERE job_id = $1 AND owner = $6 AND lease_token = $7",
         )
         .bind(job_id)
         .bind(saved.frames_processed)
         .bind(saved.stats.to_string())
         .bind(saved.latency.to_string())
         .bind(progress.map(Value::to_string))
+        .bind(lease.owner.as_ref())
+        .bind(lease.token)
         .execute(&self.pool)
-        .await?;
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(StoreError::Fenced);
+        }
         Ok(())
     }
 

@@ -6,7 +6,8 @@
 //! here, never only in memory: a job's status, counters, stats and resume progress.
 //!
 //! This file holds the types, the pool and migrations; the queries live by table:
-//! [`jobs`], [`prompts`] and [`results`] (each an `impl Store` block).
+//! [`jobs`], [`leases`] (which replica runs which job), [`prompts`] and [`results`] (each an
+//! `impl Store` block).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -29,6 +30,12 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
+    /// A pipeline's write refused: its lease was superseded by another claim (or the job was
+    /// released), so another replica owns the job now.
+    #[error(
+        "the job's lease has passed to another claim; this replica writes nothing more for it"
+    )]
+    Fenced,
 }
 
 /// Which SQL dialect the pool speaks; only transaction start and locking differ.
@@ -122,6 +129,10 @@ pub struct JobRecord {
     pub progress: Value,
     /// p50/p95/p99 per latency phase over the newest results, as the pipeline last saved it.
     pub latency: Value,
+    /// The replica holding the job's lease (it runs the job), if any.
+    pub owner: Option<String>,
+    /// The fencing token of the job's newest claim.
+    pub lease_token: i64,
 }
 
 #[derive(Debug)]
@@ -166,6 +177,9 @@ pub struct ResultRecord {
 /// A result the pipeline is about to store; `seq` is assigned by the store.
 #[derive(Debug, Clone)]
 pub struct NewResult {
+    /// The position in the source this answers (`pts:<ms>` for video, `redis:<entry id>`):
+    /// unique per job, so work repeated after a crash or takeover is not stored twice.
+    pub source_key: String,
     pub pts_ms: i64,
     pub prompt_scope: String,
     pub prompt_version: i64,
@@ -175,12 +189,23 @@ pub struct NewResult {
     pub latency: Value,
 }
 
+/// What storing a result did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored with this seq.
+    New(i64),
+    /// The job already has a result for this position in the source (work repeated after a
+    /// crash or a takeover): nothing stored.
+    Duplicate,
+}
+
 /// `SELECT <every job column> FROM jobs <rest>`, as one literal.
 macro_rules! select_jobs {
     ($rest:literal) => {
         concat!(
             "SELECT list_seq, job_id, status, stream_ref, source_type, fps, model, priority, from_beginning, ",
-            "created_at, started_at, completed_at, frames_processed, results_count, error, stats, progress, latency FROM jobs ",
+            "created_at, started_at, completed_at, frames_processed, results_count, error, stats, progress, latency, ",
+            "owner, lease_token FROM jobs ",
             $rest
         )
     };
@@ -360,10 +385,15 @@ fn job_from_row(r: &AnyRow) -> Result<JobRecord, StoreError> {
         progress: serde_json::from_str(&progress)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?,
         latency: serde_json::from_str(&latency).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        owner: r.try_get("owner")?,
+        lease_token: r.try_get("lease_token")?,
     })
 }
 
 // After `select_jobs!`, which they use (macros are in scope from their definition on).
 mod jobs;
+mod leases;
 mod prompts;
 mod results;
+
+pub use leases::{Lease, Takeover};

@@ -7,22 +7,43 @@ use sqlx::Row;
 use super::*;
 
 impl Store {
-    /// Stores one result with the job's next `seq` and bumps its `results_count`, atomically.
-    /// Results of a job are written by its one pipeline, so seqs are contiguous.
-    pub async fn append_result(&self, job_id: &str, result: &NewResult) -> Result<i64, StoreError> {
+    /// Stores one result with the job's next `seq` and bumps its `results_count`, atomically,
+    /// under the pipeline's lease ([`StoreError::Fenced`] once it has passed on). A result
+    /// whose `source_key` the job already has is not stored again: [`Appended::Duplicate`].
+    pub async fn append_result(
+        &self,
+        job_id: &str,
+        lease: &Lease,
+        result: &NewResult,
+    ) -> Result<Appended, StoreError> {
         let mut tx = self.begin_write().await?;
-        let seq: i64 = sqlx::query("SELECT results_count FROM jobs WHERE job_id = $1")
+        // On PostgreSQL the row lock orders this against a claim of the job: a claim either
+        // waits for this result or fences it.
+        let lock = match self.dialect {
+            Dialect::Postgres => " FOR UPDATE",
+            Dialect::Sqlite => "",
+        };
+        let sql = format!(
+            "SELECT results_count FROM jobs WHERE job_id = $1 AND owner = $2 AND lease_token = $3{lock}"
+        );
+        let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(job_id)
-            .fetch_one(&mut *tx)
+            .bind(lease.owner.as_ref())
+            .bind(lease.token)
+            .fetch_optional(&mut *tx)
             .await?
-            .try_get(0)?;
+        else {
+            return Err(StoreError::Fenced);
+        };
+        let seq: i64 = row.try_get(0)?;
         let (output, error) = match &result.output {
             Ok(o) => (Some(o.as_str()), None),
             Err(e) => (None, Some(e.as_str())),
         };
-        sqlx::query(
-            "INSERT INTO results (job_id, seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        let inserted = sqlx::query(
+            "INSERT INTO results (job_id, seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, source_key) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             ON CONFLICT (job_id, source_key) DO NOTHING",
         )
         .bind(job_id)
         .bind(seq)
@@ -35,14 +56,20 @@ impl Store {
         .bind(result.batch_size)
         .bind(result.latency.to_string())
         .bind(now_secs())
+        .bind(&result.source_key)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            tx.rollback().await?;
+            return Ok(Appended::Duplicate);
+        }
         sqlx::query("UPDATE jobs SET results_count = results_count + 1 WHERE job_id = $1")
             .bind(job_id)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(seq)
+        Ok(Appended::New(seq))
     }
 
     /// Results of `job` with `seq > after`, in seq order, at most `limit`. Seqs below the

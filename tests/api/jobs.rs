@@ -5,7 +5,7 @@ use serde_json::json;
 
 use crate::db_tests;
 use crate::helpers::{assert_error, Db, TestApp};
-use free_roam::store::NewResult;
+use free_roam::store::{Appended, Lease, NewResult};
 
 db_tests!(
     start_then_status_has_the_seed_fields,
@@ -183,10 +183,12 @@ async fn active_jobs_are_capped(db: Db) {
         "too_many_active_jobs",
     );
     assert!(third.headers.get("retry-after").is_some());
-    assert!(third.body["detail"]
-        .as_str()
-        .unwrap()
-        .contains("MAX_CONCURRENT_STREAMS"));
+    // One replica: the cluster-wide cap defaults to what the replica runs.
+    let detail = third.body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("MAX_ACTIVE_JOBS=2") && detail.contains("MAX_CONCURRENT_STREAMS"),
+        "{detail}"
+    );
     // A finished job frees its slot.
     app.delete(&format!("/api/v1/inference/cancel/{first}"))
         .await;
@@ -255,14 +257,26 @@ async fn results_poll_never_misses_or_repeats(db: Db) {
     assert!(empty.body["next_after"].is_null());
     assert_eq!(empty.body["status"], "pending");
 
-    // The pipeline's writer, interleaved with a polling client.
+    // The pipeline's writer (under the lease this replica's claim took), interleaved with a
+    // polling client.
     let store = app.state.store.clone();
+    let lease = loop {
+        let job = store.get_job(&id).await.unwrap().unwrap();
+        if let Some(owner) = job.owner {
+            break Lease {
+                owner: owner.into(),
+                token: job.lease_token,
+            };
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     let mut polled = Vec::new();
     let mut after: Option<i64> = None;
     for round in 0..4 {
         for k in 0..7 {
             let n = round * 7 + k;
             let result = NewResult {
+                source_key: format!("pts:{}", n * 500),
                 pts_ms: n * 500,
                 prompt_scope: "global".into(),
                 prompt_version: 1,
@@ -276,9 +290,14 @@ async fn results_poll_never_misses_or_repeats(db: Db) {
                 latency: json!({"queue": 1.0, "inference": 2.0, "total": 3.0}),
             };
             assert_eq!(
-                store.append_result(&id, &result).await.unwrap(),
-                n,
+                store.append_result(&id, &lease, &result).await.unwrap(),
+                Appended::New(n),
                 "seq is contiguous from 0"
+            );
+            assert_eq!(
+                store.append_result(&id, &lease, &result).await.unwrap(),
+                Appended::Duplicate,
+                "the same source position is stored once"
             );
         }
         loop {
