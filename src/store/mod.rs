@@ -30,6 +30,9 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
+    /// Another process has the SQLite database open.
+    #[error("{0}")]
+    InUse(String),
     /// A pipeline's write refused: its lease was superseded by another claim (or the job was
     /// released), so another replica owns the job now.
     #[error(
@@ -252,12 +255,16 @@ pub struct Store {
     /// replicas sharing a database agree on MAX_CONCURRENT_STREAMS.
     admission: Arc<tokio::sync::Mutex<()>>,
     results_cache: Arc<ResultCache>,
+    /// SQLite: an exclusive lock on `<database>.lock`, held while this process runs (the
+    /// kernel drops it when the process ends, however it ends).
+    _file_lock: Option<Arc<std::fs::File>>,
 }
 
 impl Store {
     /// Connects (creating a SQLite file and its folder if needed); does not migrate.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
+        let mut file_lock = None;
         let dialect = if url.starts_with("sqlite:") {
             if let Some(dir) = sqlite_dir(url) {
                 std::fs::create_dir_all(&dir).map_err(|e| {
@@ -266,6 +273,9 @@ impl Store {
                         dir.display()
                     ))
                 })?;
+            }
+            if let Some(file) = sqlite_file(url) {
+                file_lock = Some(Arc::new(lock_sqlite(&file)?));
             }
             Dialect::Sqlite
         } else {
@@ -285,6 +295,7 @@ impl Store {
                 RESULT_CACHE_BYTES,
                 ResultWeight,
             )),
+            _file_lock: file_lock,
         })
     }
 
@@ -344,17 +355,49 @@ fn limited(sql: &str, limit: i64) -> sqlx::AssertSqlSafe<String> {
 }
 
 fn sqlite_dir(url: &str) -> Option<std::path::PathBuf> {
+    sqlite_file(url)?
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(|p| p.to_owned())
+}
+
+/// The database file a `sqlite:` URL names (none for an in-memory database).
+fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
     let path = url
         .trim_start_matches("sqlite://")
         .trim_start_matches("sqlite:");
     let path = path.split('?').next()?;
-    if path.is_empty() || path == ":memory:" {
+    if path.is_empty() || path.starts_with(":memory:") {
         return None;
     }
-    std::path::Path::new(path)
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map(|p| p.to_owned())
+    Some(std::path::PathBuf::from(path))
+}
+
+/// SQLite runs one replica: a second process on the same file would run the same jobs. The
+/// lock file says so at start instead of letting two processes race.
+fn lock_sqlite(db: &std::path::Path) -> Result<std::fs::File, StoreError> {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    let path = std::path::PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::InUse(format!("cannot open {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse(format!(
+            "another free-roam process is using the SQLite database {} (it holds {}). \
+             SQLite runs one replica; for several, give them one PostgreSQL DATABASE_URL",
+            db.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::InUse(format!(
+            "cannot lock {}: {e}",
+            path.display()
+        ))),
+    }
 }
 
 fn job_from_row(r: &AnyRow) -> Result<JobRecord, StoreError> {

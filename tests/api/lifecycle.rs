@@ -61,6 +61,34 @@ async fn binary_serves_on_defaults_and_exits_zero_on_sigterm() {
         "the embedded SQLite file is created under ./data"
     );
 
+    // SQLite runs one replica: a second process on the same file is refused, saying why.
+    let second = command(dir.path())
+        .args(["serve"])
+        .env("PORT", free_port().to_string())
+        .env("HOST", "127.0.0.1")
+        .output()
+        .unwrap();
+    assert!(
+        !second.status.success(),
+        "a second process on the SQLite file exits"
+    );
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("another free-roam process is using the SQLite database")
+            && err.contains("PostgreSQL"),
+        "{err}"
+    );
+    assert_eq!(
+        client
+            .get(format!("{base}/health/live"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK,
+        "the first goes on"
+    );
+
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

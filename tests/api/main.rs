@@ -17,3 +17,4 @@ mod prompts;
 mod protection;
 #[cfg(feature = "candle")]
 mod reference;
+mod replicas;

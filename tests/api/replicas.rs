@@ -1,0 +1,371 @@
+//! Several replicas on one PostgreSQL, as real service processes: jobs spread over them,
+//! survive kill -9, SIGSTOP past the lease and rolling restarts, and every sampled frame has
+//! exactly one result with `seq` contiguous from 0.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::fixtures::{make_hls, pts_of, Container, ModelServer, Origin};
+use crate::helpers::fresh_postgres_schema;
+
+const BIN: &str = env!("CARGO_BIN_EXE_free-roam");
+/// The shortest lease the settings allow, so takeovers happen within a test's patience.
+const TTL_SECS: u64 = 3;
+const LONG: Duration = Duration::from_secs(90);
+
+struct Replica {
+    name: String,
+    base: String,
+    child: Child,
+}
+
+impl Replica {
+    async fn start(
+        name: &str,
+        database_url: &str,
+        model: &ModelServer,
+        per_replica: usize,
+    ) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .args(["serve"])
+            .env("HOST", "127.0.0.1")
+            .env("PORT", port.to_string())
+            .env("DATABASE_URL", database_url)
+            .env("REPLICA_ID", name)
+            .env("LEASE_TTL_SECS", TTL_SECS.to_string())
+            .env("MAX_CONCURRENT_STREAMS", per_replica.to_string())
+            .env("MAX_ACTIVE_JOBS", "1000")
+            .env("RATE_LIMIT_ENABLED", "false")
+            .env("LOG_LEVEL", "warn")
+            .env("LOG_FORMAT", "text")
+            .env("MAX_BATCH_WAIT_MS", "5")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in model.env() {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        for _ in 0..200 {
+            if let Ok(r) = client.get(format!("{base}/health/live")).send().await {
+                if r.status() == StatusCode::OK {
+                    return Self {
+                        name: name.to_owned(),
+                        base,
+                        child,
+                    };
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("replica {name} never answered /health/live");
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {}", self.name);
+    }
+
+    /// Waits for the process to end; its exit status.
+    async fn exited(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{} still running", self.name);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn get(base: &str, path: &str) -> Value {
+    let r = reqwest::get(format!("{base}{path}")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "GET {path}");
+    r.json().await.unwrap()
+}
+
+async fn start_job(base: &str, stream_ref: &str) -> String {
+    let r = reqwest::Client::new()
+        .post(format!("{base}/api/v1/inference/start"))
+        .json(&json!({"stream_ref": stream_ref, "fps": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    r.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn all_results(base: &str, id: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut after: Option<i64> = None;
+    loop {
+        let path = match after {
+            Some(a) => format!("/api/v1/inference/results/{id}?limit=100&after={a}"),
+            None => format!("/api/v1/inference/results/{id}?limit=100"),
+        };
+        let page = get(base, &path).await;
+        let results = page["results"].as_array().unwrap().clone();
+        if results.is_empty() {
+            return out;
+        }
+        after = page["next_after"].as_i64();
+        out.extend(results);
+    }
+}
+
+async fn wait_all(base: &str, ids: &[String], within: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut statuses = Vec::new();
+        for id in ids {
+            statuses.push(get(base, &format!("/api/v1/inference/status/{id}")).await);
+        }
+        if statuses
+            .iter()
+            .all(|s| s["status"] != "pending" && s["status"] != "running")
+        {
+            return statuses;
+        }
+        assert!(Instant::now() < deadline, "jobs still active: {statuses:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every sampled frame of a `seconds`-long VOD at 2 fps answered exactly once, in order.
+async fn assert_exactly_once(base: &str, id: &str, seconds: i64) {
+    let results = all_results(base, id).await;
+    let seqs: Vec<i64> = results.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (0..seconds * 2).collect::<Vec<_>>(),
+        "{id}: seq contiguous from 0"
+    );
+    assert_eq!(
+        pts_of(&results),
+        (0..seconds * 2).map(|i| i * 500).collect::<Vec<_>>(),
+        "{id}: each frame once"
+    );
+    assert!(
+        results.iter().all(|r| r["error"].is_null()),
+        "{id}: {results:?}"
+    );
+}
+
+/// Waits until some job has results and an owner among `owners`; its id and owner.
+async fn a_job_running_on(base: &str, ids: &[String], owners: &[&str]) -> (String, String) {
+    let deadline = Instant::now() + LONG;
+    loop {
+        for id in ids {
+            let s = get(base, &format!("/api/v1/inference/status/{id}")).await;
+            let owner = s["owner"].as_str().unwrap_or_default();
+            if s["status"] == "running"
+                && s["results_count"].as_i64() > Some(0)
+                && owners.contains(&owner)
+            {
+                return (id.clone(), owner.to_owned());
+            }
+        }
+        assert!(Instant::now() < deadline, "no job running on {owners:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    origin: Origin,
+    model: ModelServer,
+    db: String,
+}
+
+async fn setup(seconds: f64, model_delay: Duration) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    make_hls(dir.path(), "vod", seconds, 160, 90, Container::Ts, 1.0);
+    let origin = Origin::start(dir.path()).await;
+    let model = ModelServer::start().await;
+    model.set_delay(model_delay);
+    Setup {
+        _dir: dir,
+        origin,
+        model,
+        db: fresh_postgres_schema().await,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_nine_jobs_each_frame_answered_once() {
+    let s = setup(4.0, Duration::from_millis(100)).await;
+    let mut replicas = Vec::new();
+    for name in ["r1", "r2", "r3"] {
+        replicas.push(Replica::start(name, &s.db, &s.model, 3).await);
+    }
+    let stream = s.origin.url("vod/index.m3u8");
+    let mut ids = Vec::new();
+    for i in 0..9 {
+        // Any replica admits; whichever has room runs.
+        ids.push(start_job(&replicas[i % 3].base, &stream).await);
+    }
+    let statuses = wait_all(&replicas[0].base, &ids, LONG).await;
+    let mut owners: Vec<&str> = Vec::new();
+    for (id, status) in ids.iter().zip(&statuses) {
+        assert_eq!(status["status"], "completed", "{status}");
+        owners.push(status["owner"].as_str().unwrap());
+        // Every replica answers for every job.
+        for r in &replicas {
+            assert_exactly_once(&r.base, id, 4).await;
+        }
+    }
+    owners.sort_unstable();
+    owners.dedup();
+    assert!(
+        owners.len() >= 2,
+        "the jobs spread over the replicas: {owners:?}"
+    );
+    assert_eq!(
+        s.model.asked().len(),
+        9 * 8,
+        "no frame went to the model twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_jobs_finish_elsewhere_exactly_once() {
+    let s = setup(8.0, Duration::from_millis(150)).await;
+    let mut a = Replica::start("a", &s.db, &s.model, 2).await;
+    let b = Replica::start("b", &s.db, &s.model, 2).await;
+    let stream = s.origin.url("vod/index.m3u8");
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(start_job(&b.base, &stream).await);
+    }
+    let (job, _) = a_job_running_on(&b.base, &ids, &["a"]).await;
+    a.signal("-KILL");
+    a.exited(Duration::from_secs(5)).await;
+    let killed_at = Instant::now();
+    // Its job moves to b once the lease runs out.
+    loop {
+        let st = get(&b.base, &format!("/api/v1/inference/status/{job}")).await;
+        if st["owner"] == "b" {
+            break;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(TTL_SECS + 5),
+            "not taken over within the TTL and a few seconds: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let statuses = wait_all(&b.base, &ids, LONG).await;
+    for (id, st) in ids.iter().zip(&statuses) {
+        assert_eq!(st["status"], "completed", "{st}");
+        assert_exactly_once(&b.base, id, 8).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_paused_past_its_lease_writes_nothing_after_takeover() {
+    let s = setup(8.0, Duration::from_millis(150)).await;
+    let a = Replica::start("a", &s.db, &s.model, 1).await;
+    let stream = s.origin.url("vod/index.m3u8");
+    let job = start_job(&a.base, &stream).await;
+    a_job_running_on(&a.base, std::slice::from_ref(&job), &["a"]).await;
+    a.signal("-STOP");
+    let b = Replica::start("b", &s.db, &s.model, 1).await;
+    let deadline = Instant::now() + Duration::from_secs(TTL_SECS + 10);
+    loop {
+        let st = get(&b.base, &format!("/api/v1/inference/status/{job}")).await;
+        if st["status"] == "completed" {
+            assert_eq!(st["owner"], "b", "{st}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "b never finished the job: {st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = all_results(&b.base, &job).await;
+    let status_before = get(&b.base, &format!("/api/v1/inference/status/{job}")).await;
+    // a wakes up believing it still runs the job, with frames in flight.
+    a.signal("-CONT");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(all_results(&b.base, &job).await, before, "a stored nothing");
+    let status_after = get(&b.base, &format!("/api/v1/inference/status/{job}")).await;
+    for field in [
+        "status",
+        "owner",
+        "results_count",
+        "frames_processed",
+        "completed_at",
+    ] {
+        assert_eq!(
+            status_after[field], status_before[field],
+            "{field} untouched by a"
+        );
+    }
+    assert_exactly_once(&b.base, &job, 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_hands_jobs_over_at_once() {
+    let s = setup(10.0, Duration::from_millis(150)).await;
+    let mut a = Replica::start("a", &s.db, &s.model, 2).await;
+    let stream = s.origin.url("vod/index.m3u8");
+    let ids = vec![
+        start_job(&a.base, &stream).await,
+        start_job(&a.base, &stream).await,
+    ];
+    a_job_running_on(&a.base, &ids, &["a"]).await;
+    // The new pod starts before the old one stops.
+    let b = Replica::start("b", &s.db, &s.model, 2).await;
+    a.signal("-TERM");
+    let stopped = Instant::now();
+    assert!(
+        a.exited(Duration::from_secs(30)).await.success(),
+        "a exits 0"
+    );
+    for id in &ids {
+        loop {
+            let st = get(&b.base, &format!("/api/v1/inference/status/{id}")).await;
+            if st["owner"] == "b" || st["status"] == "completed" {
+                break;
+            }
+            assert!(
+                stopped.elapsed() < Duration::from_secs(2) + a_exit_allowance(),
+                "not handed over within 2 s of a's exit: {st}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let statuses = wait_all(&b.base, &ids, LONG).await;
+    for (id, st) in ids.iter().zip(&statuses) {
+        assert_eq!(st["status"], "completed", "{st}");
+        assert_exactly_once(&b.base, id, 10).await;
+    }
+}
+
+/// a's own shutdown time counts from SIGTERM too; it stops at a checkpoint within a second.
+fn a_exit_allowance() -> Duration {
+    Duration::from_secs(2)
+}
