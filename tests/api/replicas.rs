@@ -54,17 +54,20 @@ impl Replica {
         for (k, v) in model.env() {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().unwrap();
-        let base = format!("http://127.0.0.1:{port}");
+        let replica = Self {
+            name: name.to_owned(),
+            base: format!("http://127.0.0.1:{port}"),
+            child: cmd.spawn().unwrap(),
+        };
         let client = reqwest::Client::new();
         for _ in 0..200 {
-            if let Ok(r) = client.get(format!("{base}/health/live")).send().await {
+            if let Ok(r) = client
+                .get(format!("{}/health/live", replica.base))
+                .send()
+                .await
+            {
                 if r.status() == StatusCode::OK {
-                    return Self {
-                        name: name.to_owned(),
-                        base,
-                        child,
-                    };
+                    return replica;
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
