@@ -6,7 +6,8 @@ set -euo pipefail
 pkgs=(pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev
       libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev libturbojpeg0-dev ffmpeg)
 if [[ "${1:-}" == "--services" ]]; then
-  pkgs+=(redis-server postgresql postgresql-client)
+  # Tests also validate deploy/ with kubernetes-validate, from PyPI into a venv.
+  pkgs+=(redis-server postgresql postgresql-client python3-venv)
 fi
 
 missing=()
@@ -19,4 +20,15 @@ if ((${#missing[@]})); then
   [[ $(id -u) -ne 0 ]] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+# The Kubernetes manifests' validator for the tests (no cluster needed): target/tools-venv.
+if [[ "${1:-}" == "--services" ]]; then
+  cd "$(dirname "$0")/.."
+  venv=target/tools-venv
+  if [[ ! -x $venv/bin/kubernetes-validate ]]; then
+    echo "installing kubernetes-validate into $venv" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet kubernetes-validate==1.37.0 >&2
+  fi
 fi

@@ -39,6 +39,8 @@ enum Command {
 enum DevTool {
     /// Print `.env.example` from the settings table.
     EnvExample,
+    /// Print `deploy/settings.env` (the Kubernetes ConfigMap's settings) from the table.
+    K8sSettings,
     /// Measure ingest CPU against the ffmpeg CLI and concurrent 720p streams (Markdown out).
     /// Write a tiny random PaliGemma (config.json, tokenizer.json, model.safetensors) to DIR.
     #[cfg(feature = "candle")]
@@ -94,6 +96,12 @@ async fn main() {
             tool: DevTool::EnvExample,
         }) => {
             print!("{}", free_roam::config::env_example());
+            return;
+        }
+        Some(Command::Dev {
+            tool: DevTool::K8sSettings,
+        }) => {
+            print!("{}", free_roam::config::k8s_settings());
             return;
         }
         Some(Command::Dev {

@@ -224,6 +224,29 @@ fn read_file(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
     }
     Ok(out)
 }
+/// Settings that are secrets: on Kubernetes they come from a Secret, never the ConfigMap.
+pub const SECRET_VARIABLES: &[&str] = &["DATABASE_URL", "API_KEYS", "OPENAI_API_KEY"];
+
+/// Renders `deploy/settings.env`, the env file kustomize turns into the ConfigMap: every
+/// variable but the secrets, at its default (unquoted: kustomize keeps quotes as written).
+pub fn k8s_settings() -> String {
+    let mut out = String::from(
+        "# free-roam settings for Kubernetes (kustomize's configMapGenerator reads this file).\n\
+         # Made by `free-roam dev k8s-settings`; DATABASE_URL, API_KEYS and OPENAI_API_KEY are in\n\
+         # the Secret. REPLICA_ID stays empty: each pod is named by its HOSTNAME.\n",
+    );
+    for var in VARIABLES {
+        if SECRET_VARIABLES.contains(&var.name) {
+            continue;
+        }
+        out.push_str(&format!(
+            "# {}\n{}={}\n",
+            var.meaning, var.name, var.default
+        ));
+    }
+    out
+}
+
 /// Renders `.env.example` from [`VARIABLES`].
 pub fn env_example() -> String {
     let mut out = String::from("# free-roam settings: every variable, its default and its meaning.\n# Precedence: defaults < FREE_ROAM_CONFIG file < .env < process environment.\n");
@@ -297,6 +320,25 @@ mod tests {
             log_filter("free_roam=debug").as_deref(),
             Some("free_roam=debug")
         );
+    }
+
+    /// deploy/settings.env is what `k8s_settings` renders now.
+    #[test]
+    fn kubernetes_settings_match_the_settings() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/settings.env"))
+                .unwrap();
+        assert_eq!(
+            text,
+            k8s_settings(),
+            "deploy/settings.env is stale; regenerate it with `free-roam dev k8s-settings > deploy/settings.env`"
+        );
+        for secret in SECRET_VARIABLES {
+            assert!(
+                !text.contains(&format!("\n{secret}=")),
+                "{secret} stays out of the ConfigMap"
+            );
+        }
     }
 
     /// `.env.example` must list exactly the variables of [`VARIABLES`] with their defaults.

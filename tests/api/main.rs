@@ -4,6 +4,7 @@
 mod fixtures;
 mod helpers;
 
+mod deploy;
 mod errors;
 mod frames;
 mod health;
