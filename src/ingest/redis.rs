@@ -4,7 +4,9 @@
 //! `ts_ms`; without it the entry id's time is used. Entries are acknowledged only after
 //! their result is stored or the sampler skipped them ([`Acker`]). If Redis goes away the
 //! source reconnects with backoff, shows it in the job's stats, and on each (re)connect reads
-//! its pending entries again before new ones, skipping those still in flight.
+//! its pending entries again before new ones, skipping those still in flight. The consumer
+//! name is the same for every replica, so whoever runs the job next reads the entries its
+//! last owner left pending; the pending list is also re-read every 10 s.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -17,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use crate::retry::Backoff;
+
+/// How often a reader goes over its consumer's pending list again while following new entries.
+const PENDING_RESCAN: Duration = Duration::from_secs(10);
 use crate::stats::Stats;
 
 /// One stream entry handed to the pipeline.
@@ -142,7 +147,14 @@ impl RedisSource {
     ) -> redis::RedisResult<()> {
         let c = &self.config;
         let mut pending_cursor = Some("0".to_owned());
+        let mut scanned = std::time::Instant::now();
         loop {
+            // Now and then the pending list again: entries a replica that lost this job read
+            // into it (after the hand-over, before it found its lease gone) are answered too.
+            if pending_cursor.is_none() && scanned.elapsed() >= PENDING_RESCAN {
+                pending_cursor = Some("0".to_owned());
+                scanned = std::time::Instant::now();
+            }
             let (id, block) = match &pending_cursor {
                 Some(cursor) => (cursor.clone(), false),
                 None => (">".to_owned(), true),

@@ -283,21 +283,31 @@ impl Inner {
     /// Stops the pipelines of jobs this replica no longer holds: cancelled or finished by a
     /// call to another replica, or claimed by another after this one's lease ran out.
     async fn stop_lost(&self) -> Result<(), StoreError> {
-        if self.running_count() == 0 {
-            return Ok(());
-        }
         let held: HashMap<String, i64> = self
             .store
             .held_leases(&self.replica)
             .await?
             .into_iter()
             .collect();
-        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        for (id, r) in running.iter() {
-            if held.get(id) != Some(&r.lease.token) && !r.cancel.is_cancelled() {
-                tracing::info!(job_id = %id, "job cancelled, finished or taken over elsewhere; stopping");
-                r.cancel.cancel();
+        let orphans: Vec<(String, i64)> = {
+            let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, r) in running.iter() {
+                if held.get(id) != Some(&r.lease.token) && !r.cancel.is_cancelled() {
+                    tracing::info!(job_id = %id, "job cancelled, finished or taken over elsewhere; stopping");
+                    r.cancel.cancel();
+                }
             }
+            held.into_iter()
+                .filter(|(id, _)| !running.contains_key(id))
+                .collect()
+        };
+        // Held here but not running here (a release that failed): give them up.
+        for (id, token) in orphans {
+            let lease = Lease {
+                owner: self.replica.clone(),
+                token,
+            };
+            self.store.release_lease(&id, &lease).await?;
         }
         Ok(())
     }

@@ -25,7 +25,9 @@ pub struct Lease {
 /// Which jobs a claim may take besides unowned and expired ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Takeover {
-    /// Nothing else.
+    /// Nothing else; never this owner's own (a lease of ours that ran out while the database
+    /// was away is renewed, not claimed again under a new token that would fence our own
+    /// pipeline).
     Expired,
     /// Also jobs this owner held before it restarted (same replica id, lease not run out).
     OwnFromBefore,
@@ -54,7 +56,8 @@ impl Store {
         };
         let sql = format!(
             "SELECT job_id FROM jobs WHERE status IN ('pending', 'running') \
-             AND (owner IS NULL OR lease_expires_at < $1 OR ($2 = 1 AND owner = $3) OR $4 = 1) \
+             AND (owner IS NULL OR (lease_expires_at < $1 AND owner <> $3) \
+                  OR ($2 = 1 AND owner = $3) OR $4 = 1) \
              ORDER BY list_seq LIMIT {n}{lock}"
         );
         let ids: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(sql))

@@ -29,6 +29,24 @@ impl Replica {
         model: &ModelServer,
         per_replica: usize,
     ) -> Self {
+        Self::start_in(
+            name,
+            database_url,
+            model,
+            per_replica,
+            &std::env::temp_dir(),
+        )
+        .await
+    }
+
+    /// A replica whose working directory is `dir`.
+    async fn start_in(
+        name: &str,
+        database_url: &str,
+        model: &ModelServer,
+        per_replica: usize,
+        dir: &std::path::Path,
+    ) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -36,6 +54,7 @@ impl Replica {
             .port();
         let mut cmd = Command::new(BIN);
         cmd.env_clear()
+            .current_dir(dir)
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .args(["serve"])
             .env("HOST", "127.0.0.1")
@@ -371,4 +390,97 @@ async fn rolling_restart_hands_jobs_over_at_once() {
 /// a's own shutdown time counts from SIGTERM too; it stops at a checkpoint within a second.
 fn a_exit_allowance() -> Duration {
     Duration::from_secs(2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_on_sqlite_killed_and_restarted_answers_each_frame_once() {
+    let s = setup(8.0, Duration::from_millis(150)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/free-roam.db?mode=rwc", dir.path().display());
+    let mut first = Replica::start_in("one", &db, &s.model, 2, dir.path()).await;
+    let stream = s.origin.url("vod/index.m3u8");
+    let job = start_job(&first.base, &stream).await;
+    a_job_running_on(&first.base, std::slice::from_ref(&job), &["one"]).await;
+    first.signal("-KILL");
+    first.exited(Duration::from_secs(5)).await;
+    // Restarted at once (a new random id would do too: on SQLite every active job is its own).
+    let again = Replica::start_in("one-again", &db, &s.model, 2, dir.path()).await;
+    let st = wait_all(&again.base, std::slice::from_ref(&job), LONG).await;
+    assert_eq!(st[0]["status"], "completed", "{}", st[0]);
+    assert_eq!(st[0]["owner"], "one-again");
+    assert_exactly_once(&again.base, &job, 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_job_moves_with_its_pending_entries_answered_once() {
+    use redis::AsyncCommands;
+    let s = setup(1.0, Duration::from_millis(100)).await;
+    let mut c = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis on 127.0.0.1:6379 (scripts/test starts one)");
+    let key = format!("test:replicas:{}", uuid::Uuid::new_v4().simple());
+    const N: i64 = 30;
+    for i in 0..N {
+        let _: String = c
+            .xadd(
+                &key,
+                "*",
+                &[
+                    ("frame", crate::fixtures::jpeg_at(i * 500, 64, 48)),
+                    ("ts_ms", (i * 500).to_string().into_bytes()),
+                ],
+            )
+            .await
+            .unwrap();
+    }
+    let mut a = Replica::start("a", &s.db, &s.model, 1).await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/v1/inference/start", a.base))
+        .json(&json!({"stream_ref": format!("redis://127.0.0.1:6379/{key}"), "fps": 2, "from_beginning": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let job = r.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    a_job_running_on(&a.base, std::slice::from_ref(&job), &["a"]).await;
+    a.signal("-KILL");
+    a.exited(Duration::from_secs(5)).await;
+    let b = Replica::start("b", &s.db, &s.model, 1).await;
+    let deadline = Instant::now() + LONG;
+    loop {
+        let st = get(&b.base, &format!("/api/v1/inference/status/{job}")).await;
+        if st["results_count"].as_i64() == Some(N) {
+            assert_eq!(st["owner"], "b", "{st}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not every entry answered: {st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let results = all_results(&b.base, &job).await;
+    assert_eq!(
+        pts_of(&results),
+        (0..N).map(|i| i * 500).collect::<Vec<_>>(),
+        "each entry answered once, in order"
+    );
+    // Acknowledged after storing: nothing left pending once the last result is in.
+    let group = format!("free-roam:{job}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let p: redis::streams::StreamPendingReply = c.xpending(&key, &group).await.unwrap();
+        if p.count() == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} entries still pending",
+            p.count()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _: () = c.del(&key).await.unwrap();
 }
