@@ -59,6 +59,26 @@ enum DevTool {
         /// Model directory (make one with make-tiny-model).
         dir: std::path::PathBuf,
     },
+    /// Measure replicas on one PostgreSQL (this release binary as N child processes): leasing
+    /// load at rest, with idle jobs and with jobs storing results; takeover after kill -9 and
+    /// after SIGTERM (Markdown out).
+    BenchReplicas {
+        /// PostgreSQL to use (a fresh schema is made and dropped).
+        #[arg(
+            long,
+            default_value = "postgres://postgres:postgres@127.0.0.1:5432/test"
+        )]
+        database_url: String,
+        #[arg(long, default_value = "redis://127.0.0.1:6379")]
+        redis_url: String,
+        #[arg(long, default_value_t = 10)]
+        replicas: usize,
+        #[arg(long, default_value_t = 100)]
+        jobs: usize,
+        /// Seconds each load figure is measured over.
+        #[arg(long, default_value_t = 20)]
+        window_seconds: u64,
+    },
     /// Measure the whole service (this release binary, end to end) against the ffmpeg CLI:
     /// CPU per stream, live streams held, memory, latency, polling (Markdown out).
     BenchService {
@@ -162,6 +182,32 @@ async fn main() {
                 Ok(md) => print!("{md}"),
                 Err(e) => {
                     eprintln!("bench-service: {e:#}");
+                    std::process::exit(1);
+                }
+            }
+            return;
+        }
+        Some(Command::Dev {
+            tool:
+                DevTool::BenchReplicas {
+                    database_url,
+                    redis_url,
+                    replicas,
+                    jobs,
+                    window_seconds,
+                },
+        }) => {
+            let opts = free_roam::devtools::bench_replicas::Options {
+                database_url: database_url.clone(),
+                redis_url: redis_url.clone(),
+                replicas: *replicas,
+                jobs: *jobs,
+                window_s: *window_seconds,
+            };
+            match free_roam::devtools::bench_replicas::bench_replicas(opts).await {
+                Ok(md) => print!("{md}"),
+                Err(e) => {
+                    eprintln!("bench-replicas: {e:#}");
                     std::process::exit(1);
                 }
             }

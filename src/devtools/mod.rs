@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 pub mod bench_jpeg;
+pub mod bench_replicas;
 pub mod bench_service;
 
 use crate::media::decode::{DecodeLimits, DecodeState, SegmentBytes, SegmentDecoder};

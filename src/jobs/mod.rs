@@ -58,6 +58,12 @@ pub enum StartError {
 /// it sooner: what bounds how fast another replica picks up a job or a remote cancel.
 const CLAIM_EVERY: Duration = Duration::from_millis(500);
 
+/// Counts a leasing statement (`free_roam_lease_queries_total{kind}`): what coordination
+/// costs the database, apart from the work of the jobs themselves.
+fn lease_query(kind: &'static str) {
+    metrics::counter!("free_roam_lease_queries_total", "kind" => kind).increment(1);
+}
+
 struct Running {
     cancel: CancellationToken,
     stats: Arc<Stats>,
@@ -235,6 +241,7 @@ impl Inner {
         loop {
             let step = async {
                 if renewed.elapsed() >= renew_every {
+                    lease_query("renew");
                     self.store.renew_leases(&self.replica, ttl).await?;
                     renewed = Instant::now();
                 }
@@ -244,6 +251,7 @@ impl Inner {
                     .max_concurrent_streams
                     .saturating_sub(self.running_count());
                 if room > 0 && !self.shutdown.is_cancelled() {
+                    lease_query("claim");
                     let claimed = self
                         .store
                         .claim_jobs(&self.replica, room, ttl, takeover)
@@ -283,6 +291,7 @@ impl Inner {
     /// Stops the pipelines of jobs this replica no longer holds: cancelled or finished by a
     /// call to another replica, or claimed by another after this one's lease ran out.
     async fn stop_lost(&self) -> Result<(), StoreError> {
+        lease_query("held");
         let held: HashMap<String, i64> = self
             .store
             .held_leases(&self.replica)
@@ -307,6 +316,7 @@ impl Inner {
                 owner: self.replica.clone(),
                 token,
             };
+            lease_query("release");
             self.store.release_lease(&id, &lease).await?;
         }
         Ok(())
@@ -339,6 +349,7 @@ impl Inner {
             async move {
                 let stopped = inner.supervise(job, &lease, cancel, stats).await;
                 if stopped {
+                    lease_query("release");
                     // Stopped, not ended: give the job up so another replica (or this one,
                     // after a restart) resumes it at once rather than after the TTL.
                     if let Err(e) = inner.store.release_lease(&id, &lease).await {
