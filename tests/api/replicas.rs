@@ -484,3 +484,152 @@ async fn a_redis_job_moves_with_its_pending_entries_answered_once() {
     }
     let _: () = c.del(&key).await.unwrap();
 }
+
+/// A PostgreSQL of the test's own (initdb in a temporary directory), to stop and restart.
+struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    fn as_postgres(&self, tool: &str) -> Command {
+        let path = self.bin.join(tool);
+        // PostgreSQL refuses to run as root; CI runs as root.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+
+    fn start_new() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL's server binaries (scripts/setup-system.sh --services)")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .find(|p| p.join("initdb").exists())
+            .expect("initdb");
+        let dir = tempfile::tempdir().unwrap();
+        Command::new("chmod")
+            .arg("777")
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pg = Self { dir, bin, port };
+        let out = pg
+            .as_postgres("initdb")
+            .args(["-A", "trust", "-U", "postgres", "-D"])
+            .arg(pg.dir.path().join("data"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg.start();
+        pg
+    }
+
+    fn start(&self) {
+        let out = self
+            .as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("-o")
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1",
+                self.port,
+                self.dir.path().display()
+            ))
+            .arg("-l")
+            .arg(self.dir.path().join("log"))
+            .args(["-w", "start"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn stop(&self) {
+        let out = self
+            .as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_going_away_loses_and_repeats_nothing() {
+    let s = setup(10.0, Duration::from_millis(100)).await;
+    let pg = PrivatePostgres::start_new();
+    let a = Replica::start("a", &pg.url(), &s.model, 2).await;
+    let stream = s.origin.url("vod/index.m3u8");
+    let job = start_job(&a.base, &stream).await;
+    a_job_running_on(&a.base, std::slice::from_ref(&job), &["a"]).await;
+    pg.stop();
+    // Meanwhile: not ready, saying why; alive; for longer than the lease.
+    let http = reqwest::Client::new();
+    let mut said = String::new();
+    for _ in 0..100 {
+        let r = http
+            .get(format!("{}/health/ready", a.base))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::SERVICE_UNAVAILABLE {
+            said = r.text().await.unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        said.contains("database does not answer"),
+        "readiness: {said}"
+    );
+    let live = http
+        .get(format!("{}/health/live", a.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status(), StatusCode::OK, "liveness stays 200");
+    tokio::time::sleep(Duration::from_secs(TTL_SECS + 2)).await;
+    pg.start();
+    let st = wait_all(&a.base, std::slice::from_ref(&job), LONG).await;
+    assert_eq!(st[0]["status"], "completed", "{}", st[0]);
+    assert_exactly_once(&a.base, &job, 10).await;
+}
