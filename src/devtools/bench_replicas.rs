@@ -360,7 +360,6 @@ async fn run(
     feed_stop.cancel();
     let _ = feeder.await;
 
-    // kill -9: the jobs wait for their leases to run out.
     let first_base = replicas[0].base.clone();
     let owned_by = |name: String| {
         let jobs = jobs.clone();
@@ -376,31 +375,25 @@ async fn run(
             anyhow::Ok(mine)
         }
     };
-    let victim = replicas.len() - 1;
-    let name = replicas[victim].name.clone();
-    let mine = owned_by(name.clone()).await?;
-    Command::new("kill")
-        .args(["-KILL", &replicas[victim].child.id().to_string()])
-        .status()?;
-    let mut times = takeover(http, &replicas[0].base, &mine, &name).await?;
-    md.push_str(&format!(
-        "\nTakeover after `kill -9` of a replica: {} (from the kill to another replica owning the job).\n",
-        summary(&mut times)
-    ));
-    drop(replicas.remove(victim));
-
-    // SIGTERM: the replica releases its jobs as it stops.
-    let victim = replicas.len() - 1;
-    let name = replicas[victim].name.clone();
-    let mine = owned_by(name.clone()).await?;
-    Command::new("kill")
-        .args(["-TERM", &replicas[victim].child.id().to_string()])
-        .status()?;
-    let mut times = takeover(http, &replicas[0].base, &mine, &name).await?;
-    md.push_str(&format!(
-        "Takeover after SIGTERM of a replica: {} (from the signal to another replica owning the job).\n",
-        summary(&mut times)
-    ));
+    // kill -9: the jobs wait for their leases to run out. SIGTERM: the replica releases them
+    // as it stops.
+    for (signal, what) in [
+        ("-KILL", "\nTakeover after `kill -9` of a replica"),
+        ("-TERM", "Takeover after SIGTERM of a replica"),
+    ] {
+        let victim = replicas.len() - 1;
+        let name = replicas[victim].name.clone();
+        let mine = owned_by(name.clone()).await?;
+        Command::new("kill")
+            .args([signal, &replicas[victim].child.id().to_string()])
+            .status()?;
+        let mut times = takeover(http, &replicas[0].base, &mine, &name).await?;
+        md.push_str(&format!(
+            "{what}: {} (from the signal to another replica owning the job).\n",
+            summary(&mut times)
+        ));
+        drop(replicas.remove(victim));
+    }
     for i in 0..opts.jobs {
         let _: Result<(), _> = redis.del(format!("{prefix}:{i}")).await;
     }

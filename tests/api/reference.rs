@@ -51,6 +51,15 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// The golden fixtures, and the model they were made from rebuilt (in a directory kept alive
+/// as long as the model is used).
+fn golden_and_model() -> (Value, tempfile::TempDir, PaliGemma) {
+    let g = golden();
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), &g);
+    (g, dir, model)
+}
+
 /// The tiny model the fixtures were made from, rebuilt from its seed.
 fn tiny_model(dir: &Path, g: &Value) -> PaliGemma {
     let m = &g["model"];
@@ -146,9 +155,7 @@ fn the_seeded_tiny_model_is_the_one_the_fixtures_were_made_from() {
 
 #[test]
 fn paligemma_generates_what_the_reference_generates() {
-    let g = golden();
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), &g);
+    let (g, _dir, model) = golden_and_model();
     let pixels = reference_pixels();
     let cases = g["cases"].as_array().unwrap();
     assert!(cases.len() >= 20, "the fixtures cover pictures x prompts");
@@ -182,9 +189,7 @@ fn paligemma_generates_what_the_reference_generates() {
 
 #[test]
 fn batched_frames_answer_as_each_alone() {
-    let g = golden();
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), &g);
+    let (g, _dir, model) = golden_and_model();
     let pixels = reference_pixels();
     let images: Vec<&str> = g["images"]
         .as_array()
@@ -235,15 +240,22 @@ fn shaped(png: &[u8], side: u32) -> Frame {
         .unwrap()
 }
 
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .unwrap()
+}
+
 fn rgb_of(path: &Path) -> Vec<u8> {
     image::open(path).unwrap().to_rgb8().into_raw()
 }
 
 #[test]
 fn preprocessing_matches_the_reference_processor() {
-    let g = golden();
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), &g);
+    let (g, _dir, model) = golden_and_model();
     let pixels = reference_pixels();
     let side = num(&g["model"]["image_size"]) as u32;
     for image in g["images"].as_array().unwrap() {
@@ -266,16 +278,7 @@ fn preprocessing_matches_the_reference_processor() {
         // The whole tensor the model gets, against the reference's pixel_values.
         let frame = Arc::new(shaped(&png, side));
         let ours_kept = model.preprocess(&[frame]).unwrap();
-        let diff = (&ours_kept - &pixels[image])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&ours_kept, &pixels[image]);
         assert!(
             diff <= PIXEL_TOLERANCE,
             "{image}: pixel tensor {diff} from the reference's (allowed {PIXEL_TOLERANCE})"
@@ -289,16 +292,8 @@ fn preprocessing_matches_the_reference_processor() {
             pts_ms: 0,
         };
         let again = model.preprocess(&[Arc::new(unshaped)]).unwrap();
-        let same = (again - &ours_kept)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
         assert_eq!(
-            same.to_scalar::<f32>().unwrap(),
+            max_abs_diff(&again, &ours_kept),
             0.0,
             "{image}: both resize paths agree"
         );
@@ -309,9 +304,7 @@ fn preprocessing_matches_the_reference_processor() {
 fn pictures_answer_as_the_reference_from_the_file_on() {
     // The whole in-process path a Redis picture takes: the file decoded, shaped to the vision
     // tower's size, scaled, and the model: the reference's answers, picture for picture.
-    let g = golden();
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), &g);
+    let (g, _dir, model) = golden_and_model();
     let side = num(&g["model"]["image_size"]) as u32;
     for case in g["cases"].as_array().unwrap() {
         let image = case["image"].as_str().unwrap();
