@@ -309,6 +309,7 @@ pub async fn bench_model(dir: &Path) -> anyhow::Result<String> {
                 .map(|_| InferRequest {
                     frame: frame.clone(),
                     prompt: "describe the scene".into(),
+                    stop: tokio_util::sync::CancellationToken::new(),
                 })
                 .collect();
             let out = backend.infer(&model, batch).await;

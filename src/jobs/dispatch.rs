@@ -22,6 +22,8 @@ pub struct Work {
     pub job_id: JobId,
     pub frame: Arc<Frame>,
     pub reply: oneshot::Sender<Done>,
+    /// The job's pipeline token: cancelled when it stops.
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 /// Time spent per phase, in milliseconds.
@@ -137,7 +139,13 @@ impl Dispatch {
         }
     }
 
-    async fn run_batch(&self, batch: Vec<Queued<Work>>) {
+    async fn run_batch(&self, mut batch: Vec<Queued<Work>>) {
+        // Frames of a job that stopped (cancelled, lease lost) after they were queued: nobody
+        // waits for their answer, so the model is not asked.
+        batch.retain(|q| !q.item.reply.is_closed() && !q.item.stop.is_cancelled());
+        if batch.is_empty() {
+            return;
+        }
         let formed = Instant::now();
         let size = batch.len();
         // The prompt in force now, per job: an update applies to every batch cut after it.
@@ -164,6 +172,7 @@ impl Dispatch {
                     requests.push(InferRequest {
                         frame: q.item.frame.clone(),
                         prompt: p.prompt.clone(),
+                        stop: q.item.stop.clone(),
                     });
                     asked.push((q, p.clone()));
                 }

@@ -418,6 +418,7 @@ impl Pipeline {
             job_id: self.job_id.clone(),
             frame: Arc::new(frame),
             reply: tx,
+            stop: self.cancel.clone(),
         };
         let dropped = tokio::select! {
             _ = stop.cancelled() => return false,

@@ -12,6 +12,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{ModelType, Settings};
 use crate::media::{Frame, FrameSpec};
@@ -21,6 +22,9 @@ use crate::media::{Frame, FrameSpec};
 pub struct InferRequest {
     pub frame: Arc<Frame>,
     pub prompt: String,
+    /// Cancelled when the frame's job stops (cancelled, its lease lost, shutdown): a backend
+    /// does not send a frame whose job has stopped while it waited for its turn.
+    pub stop: CancellationToken,
 }
 
 /// The answer for one request, or why there is none, with the time spent on it.

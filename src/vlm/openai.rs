@@ -115,6 +115,13 @@ impl OpenAiBackend {
         let Ok(_permit) = self.permits.acquire().await else {
             return failed("backend is shutting down".into(), preprocess_ms, 0.0);
         };
+        if request.stop.is_cancelled() {
+            return failed(
+                "not sent: the job stopped while the frame waited".into(),
+                preprocess_ms,
+                0.0,
+            );
+        }
         let infer_started = Instant::now();
         let mut attempt = 0;
         let output = loop {

@@ -633,3 +633,69 @@ async fn the_database_going_away_loses_and_repeats_nothing() {
     assert_eq!(st[0]["status"], "completed", "{}", st[0]);
     assert_exactly_once(&a.base, &job, 10).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_updates_and_cancel_reach_the_owner_from_any_replica() {
+    let s = setup(30.0, Duration::from_millis(150)).await;
+    let a = Replica::start("a", &s.db, &s.model, 1).await;
+    let stream = s.origin.url("vod/index.m3u8");
+    let job = start_job(&a.base, &stream).await;
+    a_job_running_on(&a.base, std::slice::from_ref(&job), &["a"]).await;
+    // b runs nothing (a holds the only job) but answers for it.
+    let b = Replica::start("b", &s.db, &s.model, 1).await;
+    let http = reqwest::Client::new();
+    let up = http
+        .post(format!("{}/api/v1/prompt/update", b.base))
+        .json(&json!({"prompt": "count the cars", "job_id": job}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(up.status(), StatusCode::OK);
+    let version: i64 = up.json::<Value>().await.unwrap()["version"]
+        .as_i64()
+        .unwrap();
+    // The owner uses it from its next batch.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let results = all_results(&b.base, &job).await;
+        if results
+            .iter()
+            .any(|r| r["prompt_version"].as_i64() == Some(version))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the owner never used the new prompt"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let asked_before = s.model.asked().len();
+    let c = http
+        .delete(format!("{}/api/v1/inference/cancel/{job}", b.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(c.status(), StatusCode::OK);
+    // The owner stops within a second: after that nothing more reaches the model or the store.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stopped_at = s.model.asked().len();
+    let count =
+        get(&a.base, &format!("/api/v1/inference/status/{job}")).await["results_count"].clone();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        s.model.asked().len(),
+        stopped_at,
+        "the owner asked the model after the cancel"
+    );
+    let st = get(&a.base, &format!("/api/v1/inference/status/{job}")).await;
+    assert_eq!(st["status"], "cancelled");
+    assert_eq!(
+        st["results_count"], count,
+        "the owner stored results after the cancel"
+    );
+    assert!(
+        stopped_at < asked_before + 20,
+        "a 30 s job was stopped early"
+    );
+}

@@ -300,6 +300,7 @@ impl Backend for CandleBackend {
                 vec![InferRequest {
                     frame,
                     prompt: "warmup".into(),
+                    stop: tokio_util::sync::CancellationToken::new(),
                 }],
             )
             .await?;
