@@ -264,7 +264,14 @@ impl Inner {
                 }
                 Ok::<(), StoreError>(())
             };
-            match step.await {
+            let outcome = step.await;
+            // Leases not renewed for a whole TTL have run out: another replica may own these
+            // jobs by now. Stop them (their writes would be fenced anyway); whoever holds a
+            // job when the database answers again resumes it from its saved progress.
+            if outcome.is_err() && renewed.elapsed() >= ttl {
+                self.stop_all_running("leases could not be renewed for LEASE_TTL_SECS");
+            }
+            match outcome {
                 Ok(()) if failing => {
                     failing = false;
                     tracing::info!("claiming jobs again");
@@ -280,6 +287,16 @@ impl Inner {
                 _ = self.shutdown.cancelled() => return,
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(CLAIM_EVERY) => {}
+            }
+        }
+    }
+
+    fn stop_all_running(&self, why: &str) {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, r) in running.iter() {
+            if !r.cancel.is_cancelled() {
+                tracing::warn!(job_id = %id, reason = why, "stopping the job");
+                r.cancel.cancel();
             }
         }
     }
