@@ -43,6 +43,7 @@ impl Application {
             .ensure_global_prompt(&settings.default_prompt)
             .await
             .context("cannot write the default global prompt")?;
+        let settings_sse = settings.max_sse_streams;
         let models = Models::from_settings(&settings);
         let jobs = JobManager::new(store.clone(), settings.clone(), models.clone())
             .context("cannot build the job manager")?;
@@ -63,6 +64,7 @@ impl Application {
             metrics: crate::telemetry::metrics_handle(),
             draining: Arc::new(AtomicBool::new(false)),
             started: Instant::now(),
+            sse_streams: Arc::new(tokio::sync::Semaphore::new(settings_sse)),
         });
         Ok(Self {
             listener,
@@ -105,6 +107,10 @@ impl Application {
         );
         // Jobs left unfinished by an earlier run, then new ones, as this replica has room.
         state.jobs.start_claiming();
+        // Result streams here follow results other replicas store.
+        state
+            .store
+            .follow_other_replicas(&state.settings.database_url, shutdown.clone());
 
         let limits = state.rate_limits.clone();
         let sweeper_stop = shutdown.clone();

@@ -224,7 +224,7 @@ pub(super) async fn job_view(state: &AppState, job: JobRecord) -> Result<JobView
     })
 }
 
-fn result_view(r: &ResultRecord) -> ResultView {
+pub(super) fn result_view(r: &ResultRecord) -> ResultView {
     ResultView {
         seq: r.seq,
         pts_ms: r.pts_ms,

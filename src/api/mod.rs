@@ -9,6 +9,7 @@ pub mod health;
 pub mod inference;
 pub mod middleware;
 pub mod prompt;
+pub mod stream;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -61,6 +62,8 @@ pub struct Shared {
     pub rate_limits: Arc<middleware::RateLimits>,
     pub draining: Arc<AtomicBool>,
     pub started: Instant,
+    /// Open result streams, bounded by MAX_SSE_STREAMS.
+    pub sse_streams: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(OpenApi)]
@@ -68,7 +71,7 @@ pub struct Shared {
     info(title = "free-roam", description = "Watches video streams with vision-language models. \
         Compatible with the Free-Roam inference service's API."),
     paths(
-        inference::start, inference::status, inference::results, inference::cancel, inference::list,
+        inference::start, inference::status, inference::results, stream::results_stream, inference::cancel, inference::list,
         prompt::update, prompt::current, prompt::history,
         health::health, health::ready, health::live, health::metrics,
     ),
@@ -104,6 +107,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/inference/results/{job_id}",
             get(inference::results),
+        )
+        .route(
+            "/api/v1/inference/results/{job_id}/stream",
+            get(stream::results_stream),
         )
         .route(
             "/api/v1/inference/cancel/{job_id}",

@@ -137,6 +137,7 @@ pub struct Settings {
     pub cors_origins: Vec<String>,
     pub api_keys: Vec<String>,
     pub max_body_bytes: usize,
+    pub max_sse_streams: usize,
     pub request_timeout: Duration,
     pub shutdown_timeout: Duration,
 }

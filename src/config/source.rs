@@ -351,6 +351,11 @@ impl Source {
                 "bytes from 1024 to 1073741824",
                 |v: &usize| (1024..=1 << 30).contains(v),
             )?,
+            max_sse_streams: self.ranged(
+                "MAX_SSE_STREAMS",
+                "a whole number from 1 to 1000000",
+                |v: &usize| (1..=1_000_000).contains(v),
+            )?,
             request_timeout: Duration::from_secs(self.ranged(
                 "REQUEST_TIMEOUT_SECS",
                 "seconds from 1 to 3600",

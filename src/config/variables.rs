@@ -77,6 +77,7 @@ variables! {
     "CORS_ORIGINS" = "" : "Comma-separated origins allowed by CORS, or * for any; empty disables CORS.";
     "API_KEYS" = "" : "Comma-separated API keys; when set every /api route needs Authorization: Bearer KEY.";
     "MAX_BODY_BYTES" = "1048576" : "Largest request body accepted; larger gets 413.";
+    "MAX_SSE_STREAMS" = "1000" : "Result streams (Server-Sent Events) open at once on this replica; more get 429.";
     "REQUEST_TIMEOUT_SECS" = "30" : "A request still running after this many seconds gets 503.";
     "SHUTDOWN_TIMEOUT_SECS" = "20" : "How long shutdown waits for requests and pipelines to finish.";
 }

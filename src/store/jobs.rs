@@ -146,6 +146,9 @@ impl Store {
         .execute(&self.pool)
         .await?
         .rows_affected();
+        if updated == 1 {
+            self.changed(job_id).await;
+        }
         let job = self.get_job(job_id).await?;
         Ok(match (updated, job) {
             (_, None) => CancelOutcome::NotFound,
@@ -167,6 +170,9 @@ impl Store {
         .execute(&self.pool)
         .await?
         .rows_affected();
+        if n == 1 {
+            self.changed(job_id).await;
+        }
         Ok(n == 1)
     }
 
@@ -192,6 +198,9 @@ impl Store {
         .execute(&self.pool)
         .await?
         .rows_affected();
+        if n == 1 {
+            self.changed(job_id).await;
+        }
         Ok(n == 1)
     }
 

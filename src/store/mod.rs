@@ -258,6 +258,9 @@ pub struct Store {
     /// SQLite: an exclusive lock on `<database>.lock`, held while this process runs (the
     /// kernel drops it when the process ends, however it ends).
     _file_lock: Option<Arc<std::fs::File>>,
+    /// Wakes followers (SSE streams) when a job gains a result or changes status: the id of
+    /// the job. Writes here send it; on PostgreSQL so does every replica's (LISTEN/NOTIFY).
+    changes: tokio::sync::broadcast::Sender<Arc<str>>,
 }
 
 impl Store {
@@ -296,11 +299,67 @@ impl Store {
                 ResultWeight,
             )),
             _file_lock: file_lock,
+            changes: tokio::sync::broadcast::channel(4096).0,
         })
     }
 
     pub fn dialect(&self) -> Dialect {
         self.dialect
+    }
+
+    /// Job ids as their results or status change (a wake-up: read the store for what).
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
+        self.changes.subscribe()
+    }
+
+    /// Tells followers here, and on PostgreSQL every replica, that `job_id` changed.
+    async fn changed(&self, job_id: &str) {
+        let _ = self.changes.send(Arc::from(job_id));
+        if self.dialect == Dialect::Postgres {
+            let notified = sqlx::query("SELECT pg_notify('free_roam_changes', $1)")
+                .bind(job_id)
+                .execute(&self.pool)
+                .await;
+            if let Err(e) = notified {
+                tracing::debug!(error = %e, "cannot notify other replicas");
+            }
+        }
+    }
+
+    /// On PostgreSQL: forwards other replicas' change notifications to [`Store::changes`]
+    /// until `stop`; reconnects after errors. Nothing to do on SQLite (one process).
+    pub fn follow_other_replicas(&self, url: &str, stop: tokio_util::sync::CancellationToken) {
+        if self.dialect != Dialect::Postgres {
+            return;
+        }
+        let url = url.to_owned();
+        let changes = self.changes.clone();
+        tokio::spawn(async move {
+            loop {
+                let listened = async {
+                    let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
+                    listener.listen("free_roam_changes").await?;
+                    loop {
+                        let n = listener.recv().await?;
+                        let _ = changes.send(Arc::from(n.payload()));
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), sqlx::Error>(())
+                };
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = listened => {
+                        if let Err(e) = r {
+                            tracing::warn!(error = %e, "LISTEN for other replicas' changes failed; retrying");
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+            }
+        });
     }
 
     fn migrator(&self) -> &'static Migrator {

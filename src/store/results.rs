@@ -69,6 +69,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        self.changed(job_id).await;
         Ok(Appended::New(seq))
     }
 

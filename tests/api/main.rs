@@ -16,6 +16,7 @@ mod pipeline_hls;
 mod pipeline_redis;
 mod prompts;
 mod protection;
+mod push;
 #[cfg(feature = "candle")]
 mod reference;
 mod replicas;

@@ -699,3 +699,15 @@ async fn prompt_updates_and_cancel_reach_the_owner_from_any_replica() {
         "a 30 s job was stopped early"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_stream_on_one_replica_follows_a_job_on_another() {
+    let s = setup(6.0, Duration::from_millis(100)).await;
+    let a = Replica::start("a", &s.db, &s.model, 1).await;
+    let b = Replica::start("b", &s.db, &s.model, 1).await;
+    let job = start_job(&a.base, &s.origin.url("vod/index.m3u8")).await;
+    a_job_running_on(&a.base, std::slice::from_ref(&job), &["a"]).await;
+    let url = format!("{}/api/v1/inference/results/{job}/stream", b.base);
+    let events = crate::push::read_events(&url, None, |e| e.iter().any(|e| e.event == "end")).await;
+    assert_eq!(crate::push::seqs(&events), (0..12).collect::<Vec<_>>());
+}
