@@ -76,6 +76,7 @@ counters!(
     results,
     errors,
     reconnects,
+    results_stream_failures,
 );
 
 impl Stats {

@@ -138,6 +138,9 @@ pub struct Settings {
     pub api_keys: Vec<String>,
     pub max_body_bytes: usize,
     pub max_sse_streams: usize,
+    /// Where results are also published (a Redis server and stream key), if anywhere.
+    pub results_stream: Option<(url::Url, String)>,
+    pub results_stream_maxlen: usize,
     pub request_timeout: Duration,
     pub shutdown_timeout: Duration,
 }

@@ -80,6 +80,28 @@ impl Source {
         }
     }
 
+    /// RESULTS_STREAM as a Redis server and key, in the forms a Redis stream_ref takes.
+    fn results_stream(&self) -> Result<Option<(url::Url, String)>, ConfigError> {
+        let raw = self.raw("RESULTS_STREAM");
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        let port: u16 = self.parse("REDIS_PORT", "a port number")?;
+        let invalid = |message: String| ConfigError::Invalid {
+            name: "RESULTS_STREAM",
+            value: raw.clone(),
+            message,
+        };
+        let parsed = crate::domain::StreamRef::parse(&raw, &self.raw("REDIS_HOST"), port)
+            .map_err(|e| invalid(e.message.replace("stream_ref", "RESULTS_STREAM")))?;
+        match parsed.source() {
+            crate::domain::Source::Redis { server, key } => Ok(Some((server.clone(), key.clone()))),
+            crate::domain::Source::Hls(_) => Err(invalid(
+                "expected a Redis stream key or redis://host:port[/db]/key".into(),
+            )),
+        }
+    }
+
     pub(super) fn settings(&self) -> Result<Settings, ConfigError> {
         let max_concurrent_streams = self.ranged(
             "MAX_CONCURRENT_STREAMS",
@@ -350,6 +372,12 @@ impl Source {
                 "MAX_BODY_BYTES",
                 "bytes from 1024 to 1073741824",
                 |v: &usize| (1024..=1 << 30).contains(v),
+            )?,
+            results_stream: self.results_stream()?,
+            results_stream_maxlen: self.ranged(
+                "RESULTS_STREAM_MAXLEN",
+                "a whole number from 1 to 1000000000",
+                |v: &usize| (1..=1_000_000_000).contains(v),
             )?,
             max_sse_streams: self.ranged(
                 "MAX_SSE_STREAMS",

@@ -62,6 +62,8 @@ variables! {
     "REDIS_BLOCK_MS" = "1000" : "How long one XREADGROUP waits for new entries.";
     "REDIS_HOST" = "localhost" : "Redis host for bare stream keys (the seed's form of stream_ref).";
     "REDIS_PORT" = "6379" : "Redis port for bare stream keys.";
+    "RESULTS_STREAM" = "" : "Also XADD every stored result to this Redis stream: a key (on REDIS_HOST:REDIS_PORT) or redis://host:port[/db]/key; empty: off.";
+    "RESULTS_STREAM_MAXLEN" = "100000" : "Entries RESULTS_STREAM keeps (MAXLEN ~: Redis trims in whole nodes, so about this many).";
     "MAX_CONCURRENT_STREAMS" = "10" : "Most jobs this replica runs at once (each replica claims up to this many).";
     "MAX_ACTIVE_JOBS" = "" : "Most jobs pending or running across all replicas; more are refused with 429. Empty: MAX_CONCURRENT_STREAMS (right for one replica).";
     "REPLICA_ID" = "" : "This replica's id, the owner of the jobs it runs. Empty: HOSTNAME (the pod name on Kubernetes), else a random id.";

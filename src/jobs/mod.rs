@@ -11,6 +11,7 @@
 
 pub mod dispatch;
 pub mod pipeline;
+pub mod publish;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -84,6 +85,8 @@ struct Inner {
     replica: Arc<str>,
     /// Wakes the claim loop (a job was created or a pipeline ended here).
     wake: tokio::sync::Notify,
+    /// RESULTS_STREAM, when set.
+    publish: Option<Arc<publish::ResultStream>>,
 }
 
 #[derive(Clone)]
@@ -119,6 +122,14 @@ impl JobManager {
             shutdown.clone(),
         );
         let replica: Arc<str> = Arc::from(settings.replica_id.as_str());
+        let publish = match &settings.results_stream {
+            Some((server, key)) => Some(publish::ResultStream::new(
+                server,
+                key.clone(),
+                settings.results_stream_maxlen,
+            )?),
+            None => None,
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
@@ -131,6 +142,7 @@ impl JobManager {
                 shutdown,
                 replica,
                 wake: tokio::sync::Notify::new(),
+                publish,
             }),
         })
     }
@@ -454,6 +466,7 @@ impl Inner {
         let pipeline = Pipeline {
             job: job.clone(),
             lease: lease.clone(),
+            publish: self.publish.clone(),
             job_id,
             source,
             model,

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use super::dispatch::{Done, Work};
+use super::publish::ResultStream;
 use crate::batch::{Batcher, LaneHandle, WhenFull};
 use crate::config::Settings;
 use crate::domain::{JobId, JobStatus, Source};
@@ -69,6 +70,8 @@ pub struct Pipeline {
     pub job: JobRecord,
     /// This replica's hold on the job: every write carries it.
     pub lease: Lease,
+    /// RESULTS_STREAM, when set: stored results are published there too.
+    pub publish: Option<Arc<ResultStream>>,
     pub job_id: JobId,
     pub source: Source,
     pub model: String,
@@ -120,6 +123,7 @@ impl Pipeline {
         };
         let writer = Writer {
             lease: self.lease.clone(),
+            publish: self.publish.clone(),
             latency: std::sync::Mutex::new(latency),
             store: self.store.clone(),
             job_id: self.job_id.clone(),
@@ -438,6 +442,7 @@ impl Pipeline {
 /// percentiles.
 struct Writer {
     lease: Lease,
+    publish: Option<Arc<ResultStream>>,
     latency: std::sync::Mutex<LatencyWindow>,
     store: Store,
     job_id: JobId,
@@ -491,7 +496,12 @@ impl Writer {
                         latency: json!(done.latency),
                     };
                     match self.store_result(&result).await {
-                        Some(Appended::New(_)) => {
+                        Some(Appended::New(seq)) => {
+                            if let Some(stream) = &self.publish {
+                                if !stream.publish(self.job_id.as_str(), seq, &result).await {
+                                    Stats::add(&self.stats.results_stream_failures, 1);
+                                }
+                            }
                             if let Ok(mut w) = self.latency.lock() {
                                 w.push(phases);
                             }

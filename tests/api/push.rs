@@ -195,3 +195,59 @@ async fn bad_stream_requests_get_clear_errors() {
     }
     assert!(reopened, "a closed stream frees its slot");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_are_published_to_the_redis_results_stream() {
+    use redis::AsyncCommands;
+    let dir = tempfile::tempdir().unwrap();
+    make_hls(dir.path(), "vod", 3.0, 160, 90, Container::Ts, 1.0);
+    let origin = Origin::start(dir.path()).await;
+    let model = ModelServer::start().await;
+    let key = format!("test:results:{}", uuid::Uuid::new_v4().simple());
+    let stream = format!("redis://127.0.0.1:6379/{key}");
+    let model_env = model.env();
+    let mut env = pairs(&model_env);
+    env.push(("RESULTS_STREAM", &stream));
+    let app = TestApp::spawn_with(Db::Sqlite, &env).await;
+    let id = app
+        .start_job(json!({"stream_ref": origin.url("vod/index.m3u8"), "fps": 2}))
+        .await;
+    let status = app
+        .wait_status(&id, &["completed", "failed"], Duration::from_secs(60))
+        .await;
+    assert_eq!(status["status"], "completed", "{status}");
+    assert_eq!(status["stats"]["results_stream_failures"], 0);
+    let mut c = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis on 127.0.0.1:6379 (scripts/test starts one)");
+    let entries: redis::streams::StreamRangeReply = c.xrange_all(&key).await.unwrap();
+    let field = |e: &redis::streams::StreamId, k: &str| -> String {
+        e.get::<String>(k)
+            .unwrap_or_else(|| panic!("field {k} in {e:?}"))
+    };
+    let seqs: Vec<String> = entries.ids.iter().map(|e| field(e, "seq")).collect();
+    assert_eq!(seqs, (0..6).map(|i| i.to_string()).collect::<Vec<_>>());
+    let stored = app.all_results(&id).await;
+    for (e, r) in entries.ids.iter().zip(&stored) {
+        assert_eq!(field(e, "job_id"), id);
+        assert_eq!(field(e, "pts_ms"), r["pts_ms"].to_string());
+        assert_eq!(field(e, "prompt_version"), r["prompt_version"].to_string());
+        assert_eq!(field(e, "output"), r["output"].as_str().unwrap());
+        assert_eq!(field(e, "error"), "");
+    }
+    let _: () = c.del(&key).await.unwrap();
+
+    // Not a Redis stream: start-up stops, naming the variable.
+    let bad = free_roam::config::Settings::from_sources(
+        None,
+        None,
+        [(
+            "RESULTS_STREAM".to_owned(),
+            "https://example.com/x".to_owned(),
+        )]
+        .into(),
+    );
+    assert!(bad.unwrap_err().to_string().contains("RESULTS_STREAM"));
+}
