@@ -76,7 +76,7 @@ pub struct Shared {
         health::health, health::ready, health::live, health::metrics,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonErrors),
     tags((name = "inference", description = "Jobs and their results"),
          (name = "prompt", description = "Versioned prompts, global or per job"),
          (name = "health", description = "Probes and metrics; no auth, no rate limit")),
@@ -93,6 +93,69 @@ impl utoipa::Modify for BearerAuth {
                 "api_key",
                 SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
             );
+        }
+    }
+}
+
+/// The answers every `/api` operation can give besides its own, documented on each: what the
+/// layers in front of the handlers (body limit, JSON extraction, API keys, rate limits,
+/// request timeout) answer, all with the error body.
+struct CommonErrors;
+
+impl utoipa::Modify for CommonErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        let every = [
+            (
+                "400",
+                "Malformed request: a query string or body that does not parse",
+            ),
+            ("401", "API key missing or wrong (when API_KEYS is set)"),
+            (
+                "429",
+                "Rate limited (RATE_LIMIT_*); Retry-After says when to retry",
+            ),
+            ("503", "The request took longer than REQUEST_TIMEOUT_SECS"),
+        ];
+        let with_body = [
+            ("413", "Body larger than MAX_BODY_BYTES"),
+            ("415", "Body is not application/json"),
+            (
+                "422",
+                "A field is missing or out of range; the error names it",
+            ),
+        ];
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if !path.starts_with("/api/") {
+                continue;
+            }
+            let ops = [
+                (&mut item.get, false),
+                (&mut item.delete, false),
+                (&mut item.post, true),
+                (&mut item.put, true),
+            ];
+            for (op, body) in ops {
+                let Some(op) = op.as_mut() else { continue };
+                let extra = every.iter().chain(if body { &with_body[..] } else { &[] });
+                for (code, description) in extra {
+                    op.responses
+                        .responses
+                        .entry((*code).to_owned())
+                        .or_insert_with(|| error(description).into());
+                }
+            }
         }
     }
 }

@@ -134,6 +134,50 @@ async fn openapi_covers_every_route_and_docs_are_served() {
         assert!(start[code].is_object(), "start documents {code}");
     }
     assert!(doc.body["components"]["schemas"]["ErrorBody"].is_object());
+    // Every /api operation lists what the layers in front of it can answer.
+    for (path, item) in paths.iter().filter(|(p, _)| p.starts_with("/api/")) {
+        for (method, op) in item.as_object().unwrap() {
+            let mut want = vec!["400", "401", "429", "503"];
+            if method == "post" {
+                want.extend(["413", "415", "422"]);
+            }
+            for code in want {
+                let r = &op["responses"][code];
+                assert!(r.is_object(), "{method} {path} documents {code}");
+                assert!(
+                    r["content"]["application/json"]["schema"]["$ref"]
+                        .as_str()
+                        .is_some_and(|s| s.ends_with("ErrorBody")),
+                    "{method} {path} {code} has the error schema"
+                );
+            }
+        }
+    }
+    assert!(paths["/api/v1/inference/results/{job_id}/stream"]["get"].is_object());
+    // The answers are real: malformed JSON, another content type.
+    let bad = app
+        .send(
+            app.client
+                .post(app.url("/api/v1/prompt/update"))
+                .header("content-type", "application/json")
+                .body("{not json"),
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.body);
+    let text = app
+        .send(
+            app.client
+                .post(app.url("/api/v1/prompt/update"))
+                .header("content-type", "text/plain")
+                .body("hello"),
+        )
+        .await;
+    assert_eq!(
+        text.status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "{}",
+        text.body
+    );
     for page in ["/docs/", "/redoc"] {
         let r = app.send(app.client.get(app.url(page))).await;
         assert_eq!(r.status, StatusCode::OK, "{page}");
