@@ -147,11 +147,6 @@ impl JobManager {
         })
     }
 
-    /// This replica's id (the owner of the jobs it runs).
-    pub fn replica_id(&self) -> &str {
-        &self.inner.replica
-    }
-
     /// Admits a job as `pending`; a replica with room claims it (this one within
     /// milliseconds when it has room, any other within a second).
     pub async fn start(&self, req: StartJob) -> Result<JobRecord, StartError> {

@@ -102,25 +102,6 @@ impl Store {
         Ok((jobs, total))
     }
 
-    /// Jobs in one of `statuses`, oldest first: what a job manager resumes at start.
-    pub async fn jobs_with_status(
-        &self,
-        statuses: &[JobStatus],
-    ) -> Result<Vec<JobRecord>, StoreError> {
-        let mut out = Vec::new();
-        for status in statuses {
-            let rows = sqlx::query(select_jobs!("WHERE status = $1 ORDER BY list_seq"))
-                .bind(status.as_str())
-                .fetch_all(&self.pool)
-                .await?;
-            for row in &rows {
-                out.push(job_from_row(row)?);
-            }
-        }
-        out.sort_by_key(|j| j.list_seq);
-        Ok(out)
-    }
-
     pub async fn count_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
         let rows = sqlx::query("SELECT status, COUNT(*) FROM jobs GROUP BY status")
             .fetch_all(&self.pool)

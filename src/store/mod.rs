@@ -312,9 +312,14 @@ impl Store {
         self.changes.subscribe()
     }
 
+    /// Tells followers here that `job_id` changed.
+    fn changed_here(&self, job_id: &str) {
+        let _ = self.changes.send(Arc::from(job_id));
+    }
+
     /// Tells followers here, and on PostgreSQL every replica, that `job_id` changed.
     async fn changed(&self, job_id: &str) {
-        let _ = self.changes.send(Arc::from(job_id));
+        self.changed_here(job_id);
         if self.dialect == Dialect::Postgres {
             let notified = sqlx::query("SELECT pg_notify('free_roam_changes', $1)")
                 .bind(job_id)

@@ -68,8 +68,16 @@ impl Store {
             .bind(job_id)
             .execute(&mut *tx)
             .await?;
+        if self.dialect == Dialect::Postgres {
+            // Other replicas' result streams hear of it when (and only if) it commits, in
+            // the same transaction rather than one more per result.
+            sqlx::query("SELECT pg_notify('free_roam_changes', $1)")
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
-        self.changed(job_id).await;
+        self.changed_here(job_id);
         Ok(Appended::New(seq))
     }
 
