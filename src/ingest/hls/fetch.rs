@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, RANGE, RETRY_AFTER};
+use reqwest::header::RANGE;
 use reqwest::StatusCode;
 use tokio_util::sync::CancellationToken;
 use url::Url;
@@ -142,7 +142,7 @@ impl Fetcher {
             return Err(FetchError::Status {
                 status: status.as_u16(),
                 url: url.to_string(),
-                retry_after: retry_after(resp.headers()),
+                retry_after: crate::retry::retry_after(resp.headers()),
             });
         }
         if resp.content_length().is_some_and(|n| n > limit as u64) {
@@ -171,17 +171,6 @@ impl Fetcher {
         }
         Ok(body)
     }
-}
-
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    headers
-        .get(RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .map(Duration::from_secs)
 }
 
 fn classify(url: &Url, e: reqwest::Error) -> FetchError {
