@@ -6,7 +6,8 @@ set -euo pipefail
 pkgs=(pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev
       libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev libturbojpeg0-dev ffmpeg)
 if [[ "${1:-}" == "--services" ]]; then
-  # Tests also validate deploy/ with kubernetes-validate, from PyPI into a venv.
+  # Tests also validate deploy/ with kubernetes-validate and verify webhooks with the Standard
+  # Webhooks reference library, both from PyPI into a venv.
   pkgs+=(redis-server postgresql postgresql-client python3-venv)
 fi
 
@@ -22,13 +23,14 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 
-# The Kubernetes manifests' validator for the tests (no cluster needed): target/tools-venv.
+# Test tools from PyPI in target/tools-venv: the Kubernetes manifests' validator (no cluster
+# needed) and standardwebhooks, the specification's reference verifier for webhook tests.
 if [[ "${1:-}" == "--services" ]]; then
   cd "$(dirname "$0")/.."
   venv=target/tools-venv
-  if [[ ! -x $venv/bin/kubernetes-validate ]]; then
-    echo "installing kubernetes-validate into $venv" >&2
+  if [[ ! -x $venv/bin/kubernetes-validate ]] || ! "$venv/bin/python" -c 'import standardwebhooks' 2>/dev/null; then
+    echo "installing kubernetes-validate and standardwebhooks into $venv" >&2
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet kubernetes-validate==1.37.0 >&2
+    "$venv/bin/pip" install --quiet kubernetes-validate==1.37.0 standardwebhooks==1.1.0 >&2
   fi
 fi

@@ -14,6 +14,7 @@
 //! - [`stats`]: a job's live counters.
 //! - [`vlm`]: model backends and their readiness.
 //! - [`jobs`]: the job manager, the API's one handle on running work.
+//! - [`webhook`]: Standard Webhooks (secrets, signatures, envelope) and the outbox sender.
 //! - [`api`]: the REST API, probes, metrics and OpenAPI documents.
 //! - [`telemetry`]: logging and the Prometheus recorder.
 //! - [`startup`]: `Application`, which wires everything together.
@@ -32,3 +33,4 @@ pub mod stats;
 pub mod store;
 pub mod telemetry;
 pub mod vlm;
+pub mod webhook;

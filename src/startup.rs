@@ -35,6 +35,12 @@ impl Application {
                     redact(&settings.database_url)
                 )
             })?;
+        let store = store.with_global_webhook(settings.webhooks.global.as_ref().map(|g| {
+            crate::store::GlobalWebhook {
+                url: g.url.clone(),
+                events: g.events.clone(),
+            }
+        }));
         store
             .migrate()
             .await
@@ -107,6 +113,14 @@ impl Application {
         );
         // Jobs left unfinished by an earlier run, then new ones, as this replica has room.
         state.jobs.start_claiming();
+        // Webhook messages in the outbox, from any replica, are sent from here too.
+        let deliverer = crate::webhook::deliver::Deliverer::new(
+            state.store.clone(),
+            state.settings.webhooks.clone(),
+            state.settings.pipeline.network_policy(),
+            Arc::from(state.jobs.replica_id()),
+        )?;
+        deliverer.spawn(shutdown.clone());
         // Result streams here follow results other replicas store.
         state
             .store

@@ -32,6 +32,86 @@ pub struct StartRequest {
     pub priority: Option<Priority>,
     /// Live HLS: start at the first segment instead of the live edge; Redis: read the whole stream.
     pub from_beginning: Option<bool>,
+    /// Also send this job's events to a URL, signed per Standard Webhooks 1.0.
+    pub webhook: Option<WebhookRequest>,
+}
+
+/// A job's own webhook, as `start` takes it. The secret is never shown again.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookRequest {
+    /// `http://` or `https://` URL that gets a POST per event; the SSRF guard applies
+    /// (ALLOW_PRIVATE_NETWORKS, NETWORK_ALLOWLIST).
+    #[schema(max_length = 2048, example = "https://example.com/hooks/free-roam")]
+    pub url: String,
+    /// `whsec_` + base64 of 24 to 64 random bytes; WEBHOOK_SECRET when absent.
+    #[schema(example = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")]
+    pub secret: Option<String>,
+    /// Which events to send: `result`, `status` (default both).
+    pub events: Option<Vec<crate::webhook::EventKind>>,
+}
+
+impl std::fmt::Debug for WebhookRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookRequest")
+            .field("url", &crate::webhook::shown_url(&self.url))
+            .field("events", &self.events)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebhookRequest {
+    fn into_webhook(self, state: &AppState) -> Result<crate::webhook::Webhook, Invalid> {
+        use crate::webhook::{EventKind, Secret, Webhook};
+        let url = Webhook::check_url("webhook.url", &self.url)?;
+        state
+            .settings
+            .pipeline
+            .network_policy()
+            .check_url(&url)
+            .map_err(|r| Invalid::new("webhook.url", r.to_string()))?;
+        let secret = match self.secret.as_deref() {
+            Some(s) => Secret::parse("webhook.secret", s)?,
+            None => state.settings.webhook_secret.clone().ok_or_else(|| {
+                Invalid::new(
+                    "webhook.secret",
+                    "webhook.secret is required (whsec_...) unless WEBHOOK_SECRET is set",
+                )
+            })?,
+        };
+        let events = match self.events {
+            None => EventKind::ALL.to_vec(),
+            Some(list) => EventKind::parse_list("webhook.events", list.iter().map(|k| k.as_str()))?,
+        };
+        Ok(Webhook {
+            url: url.to_string(),
+            secret,
+            events,
+        })
+    }
+}
+
+/// One webhook endpoint of a job and how delivery to it goes.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookStatus {
+    /// `job` (its own webhook) or `global` (WEBHOOK_URL).
+    pub endpoint: String,
+    /// The URL (a password in it is hidden).
+    pub url: String,
+    pub events: Vec<crate::webhook::EventKind>,
+    /// Messages waiting to be delivered (being tried, or waiting for their turn).
+    pub pending: i64,
+    pub delivered: i64,
+    /// Given up after WEBHOOK_MAX_AGE_SECS: listed at /api/v1/webhooks/deliveries?state=dead.
+    pub dead: i64,
+    /// Not sent because the endpoint answered 410 Gone.
+    pub cancelled: i64,
+    /// Attempts that did not deliver (errors, timeouts, non-2xx answers).
+    pub failed_attempts: i64,
+    pub last_error: Option<String>,
+    pub last_attempt_at: Option<f64>,
+    /// The endpoint answered 410 Gone: nothing more is sent to it.
+    pub gone: bool,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -78,6 +158,8 @@ pub struct JobView {
     /// The replica running the job (REPLICA_ID, HOSTNAME or a random id); null when none
     /// holds it (waiting to be claimed, or finished and never run).
     pub owner: Option<String>,
+    /// Where the job's events are sent (its own webhook, WEBHOOK_URL) and how delivery goes.
+    pub webhooks: Vec<WebhookStatus>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -174,13 +256,53 @@ impl StartRequest {
             model,
             priority: self.priority.unwrap_or_default(),
             from_beginning: self.from_beginning.unwrap_or(false),
+            webhook: self.webhook.map(|w| w.into_webhook(state)).transpose()?,
         })
     }
+}
+
+/// Each webhook endpoint of `job` with its delivery counts (one query, only when it has one).
+async fn webhook_status(state: &AppState, job: &JobRecord) -> Result<Vec<WebhookStatus>, ApiError> {
+    let mut endpoints: Vec<(&str, &str, &[crate::webhook::EventKind])> = Vec::new();
+    if let Some(own) = &job.webhook {
+        endpoints.push(("job", &own.url, &own.events));
+    }
+    if let Some(global) = &state.settings.webhooks.global {
+        endpoints.push(("global", &global.url, &global.events));
+    }
+    if endpoints.is_empty() {
+        return Ok(Vec::new());
+    }
+    let summary = state.store.delivery_summary(&job.job_id).await?;
+    Ok(endpoints
+        .into_iter()
+        .map(|(endpoint, url, events)| {
+            let s = summary
+                .iter()
+                .find(|s| s.endpoint == endpoint && s.url == url)
+                .cloned()
+                .unwrap_or_default();
+            WebhookStatus {
+                endpoint: endpoint.to_owned(),
+                url: crate::webhook::shown_url(url),
+                events: events.to_vec(),
+                pending: s.pending,
+                delivered: s.delivered,
+                dead: s.dead,
+                cancelled: s.cancelled,
+                failed_attempts: s.failed_attempts,
+                last_error: s.last_error,
+                last_attempt_at: s.last_attempt_at,
+                gone: s.gone,
+            }
+        })
+        .collect())
 }
 
 pub(super) async fn job_view(state: &AppState, job: JobRecord) -> Result<JobView, ApiError> {
     let id = JobId::parse(&job.job_id).map_err(|e| ApiError::Internal(e.into()))?;
     let prompt = state.store.effective_prompt(&id).await?;
+    let webhooks = webhook_status(state, &job).await?;
     let stats = match state.jobs.live_stats(&job.job_id) {
         Some(live) => serde_json::to_value(live).unwrap_or(job.stats),
         None => job.stats,
@@ -221,6 +343,7 @@ pub(super) async fn job_view(state: &AppState, job: JobRecord) -> Result<JobView
         from_beginning: job.from_beginning,
         stats,
         owner: job.owner,
+        webhooks,
     })
 }
 

@@ -10,6 +10,7 @@ pub mod inference;
 pub mod middleware;
 pub mod prompt;
 pub mod stream;
+pub mod webhooks;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -72,6 +73,7 @@ pub struct Shared {
         Compatible with the Free-Roam inference service's API."),
     paths(
         inference::start, inference::status, inference::results, stream::results_stream, inference::cancel, inference::list,
+        stream::events_stream, webhooks::list, webhooks::resend,
         prompt::update, prompt::current, prompt::history,
         health::health, health::ready, health::live, health::metrics,
     ),
@@ -79,6 +81,7 @@ pub struct Shared {
     modifiers(&BearerAuth, &CommonErrors),
     tags((name = "inference", description = "Jobs and their results"),
          (name = "prompt", description = "Versioned prompts, global or per job"),
+         (name = "webhooks", description = "Webhook deliveries (Standard Webhooks 1.0): state, dead messages, resend"),
          (name = "health", description = "Probes and metrics; no auth, no rate limit")),
 )]
 pub struct ApiDoc;
@@ -180,6 +183,12 @@ pub fn router(state: AppState) -> Router {
             delete(inference::cancel),
         )
         .route("/api/v1/inference/jobs", get(inference::list))
+        .route("/api/v1/events", get(stream::events_stream))
+        .route("/api/v1/webhooks/deliveries", get(webhooks::list))
+        .route(
+            "/api/v1/webhooks/deliveries/{id}/resend",
+            post(webhooks::resend),
+        )
         .route("/api/v1/prompt/update", post(prompt::update))
         .route("/api/v1/prompt/current", get(prompt::current))
         .route("/api/v1/prompt/history", get(prompt::history))

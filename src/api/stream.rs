@@ -9,6 +9,9 @@
 //! status when it changes), `end` (after a finished job's last result), and `error` when the
 //! stream is ended by the server (a client too slow for its buffer). A comment every 15 s
 //! keeps idle connections open. Streams are capped by `MAX_SSE_STREAMS`.
+//!
+//! `GET /api/v1/events` follows the job event log the same way (every job's status changes,
+//! or one job's with `?job_id=`; `id` = the event's id in the log, so it resumes too).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -60,43 +63,91 @@ pub async fn results_stream(
     Query(q): Query<StreamQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let after = match headers.get("last-event-id") {
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|s| s.trim().parse::<i64>().ok())
-                .filter(|a| *a >= 0)
-                .ok_or_else(|| Invalid::new("Last-Event-ID", "Last-Event-ID must be a seq"))?,
-        ),
-        None => q.after,
-    };
-    if after.is_some_and(|a| a < 0) {
-        return Err(Invalid::new("after", "after must be a seq (0 or more)").into());
-    }
+    let after = cursor(&headers, q.after)?;
     if state.store.job_brief(&job_id).await?.is_none() {
         return Err(ApiError::job_not_found(&job_id));
     }
-    let permit =
-        state
-            .sse_streams
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ApiError::TooManyRequests {
-                message: format!(
-                    "{} result streams are open (MAX_SSE_STREAMS); retry later or poll /results",
-                    state.settings.max_sse_streams
-                ),
-                retry_after_secs: 5,
-                code: "too_many_streams",
-            })?;
+    let permit = stream_slot(&state)?;
     let (tx, rx) = mpsc::channel::<Event>(CLIENT_BUFFER);
     tokio::spawn(follow(state.clone(), job_id, after, tx, permit));
-    let events = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
-    });
-    Ok(Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(KEEPALIVE).text("keepalive"))
-        .into_response())
+    Ok(sse_response(rx))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Only this job's events.
+    pub job_id: Option<String>,
+    /// Start after this event id (`Last-Event-ID` takes precedence); from the first if absent.
+    pub after: Option<i64>,
+}
+
+/// Follow job events (status changes; alert events later) of every job or one, as
+/// Server-Sent Events.
+#[utoipa::path(get, path = "/api/v1/events", tag = "inference",
+    params(EventsQuery,
+        ("Last-Event-ID" = Option<i64>, Header, description = "The last event id received: resume after it")),
+    responses(
+        (status = 200, description = "text/event-stream: `status` events (id = event id, data = {job_id, status, error, results_count, at}), `error` when ended by the server", content_type = "text/event-stream", body = String),
+        (status = 404, description = "Unknown job", body = super::error::ErrorBody),
+        (status = 422, description = "after or Last-Event-ID is not an event id", body = super::error::ErrorBody),
+        (status = 429, description = "Rate limited, or MAX_SSE_STREAMS streams are open", body = super::error::ErrorBody)))]
+pub async fn events_stream(
+    State(state): State<AppState>,
+    Query(q): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let after = cursor(&headers, q.after)?.unwrap_or(0);
+    let job_id = q.job_id.filter(|j| !j.is_empty());
+    if let Some(id) = &job_id {
+        if state.store.job_brief(id).await?.is_none() {
+            return Err(ApiError::job_not_found(id));
+        }
+    }
+    let permit = stream_slot(&state)?;
+    let (tx, rx) = mpsc::channel::<Event>(CLIENT_BUFFER);
+    tokio::spawn(follow_events(state.clone(), job_id, after, tx, permit));
+    Ok(sse_response(rx))
+}
+
+/// Sends the event log from `after` on, then follows it.
+async fn follow_events(
+    state: AppState,
+    job_id: Option<String>,
+    mut after: i64,
+    tx: mpsc::Sender<Event>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let mut changes = state.store.changes();
+    let job: Option<Arc<str>> = job_id.as_deref().map(Arc::from);
+    let ended = async {
+        loop {
+            loop {
+                let Ok(page) = state.store.events(after, job_id.as_deref(), PAGE).await else {
+                    break;
+                };
+                if page.is_empty() {
+                    break;
+                }
+                for e in &page {
+                    let mut data = e.data.clone();
+                    data["at"] = json!(e.created_at);
+                    let event = Event::default()
+                        .event(e.kind.as_str())
+                        .id(e.id.to_string())
+                        .data(data.to_string());
+                    send(&tx, event).await?;
+                    after = e.id;
+                }
+            }
+            wait_for_change(&tx, &mut changes, job.as_ref()).await?;
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), Ended>(())
+    };
+    if let Err(Ended::Slow) = ended.await {
+        tracing::info!("event stream ended: the client was too slow");
+    }
 }
 
 /// Why a stream stopped early.
@@ -126,6 +177,79 @@ async fn send(tx: &mpsc::Sender<Event>, event: Event) -> Result<(), Ended> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tx.send(event).await.map_err(|_| Ended::Gone)
+}
+
+/// Waits until `job` (any job when `None`) changes, the re-read floor passes, or the client
+/// leaves.
+async fn wait_for_change(
+    tx: &mpsc::Sender<Event>,
+    changes: &mut tokio::sync::broadcast::Receiver<Arc<str>>,
+    job: Option<&Arc<str>>,
+) -> Result<(), Ended> {
+    let deadline = tokio::time::sleep(REREAD);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = tx.closed() => return Err(Ended::Gone),
+            _ = &mut deadline => return Ok(()),
+            c = changes.recv() => match c {
+                Ok(id) if job.is_none_or(|j| *j == id) => return Ok(()),
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return Ok(()),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Err(Ended::Gone),
+            },
+        }
+    }
+}
+
+/// The stream's starting point: `Last-Event-ID` if sent, else `?after=`; both must be
+/// non-negative integers.
+fn cursor(headers: &HeaderMap, after: Option<i64>) -> Result<Option<i64>, ApiError> {
+    let after = match headers.get("last-event-id") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<i64>().ok())
+                .filter(|a| *a >= 0)
+                .ok_or_else(|| {
+                    Invalid::new(
+                        "Last-Event-ID",
+                        "Last-Event-ID must be a non-negative integer",
+                    )
+                })?,
+        ),
+        None => after,
+    };
+    if after.is_some_and(|a| a < 0) {
+        return Err(Invalid::new("after", "after must be 0 or more").into());
+    }
+    Ok(after)
+}
+
+/// A slot under MAX_SSE_STREAMS, or 429.
+fn stream_slot(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
+    state
+        .sse_streams
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::TooManyRequests {
+            message: format!(
+                "{} event streams are open (MAX_SSE_STREAMS); retry later or poll",
+                state.settings.max_sse_streams
+            ),
+            retry_after_secs: 5,
+            code: "too_many_streams",
+        })
+}
+
+/// The response that sends what `follow` queues on `rx`.
+fn sse_response(rx: mpsc::Receiver<Event>) -> Response {
+    let events = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(KEEPALIVE).text("keepalive"))
+        .into_response()
 }
 
 async fn follow(
@@ -171,21 +295,7 @@ async fn follow(
                 send(&tx, Event::default().event("end").data(data.to_string())).await?;
                 return Ok(());
             }
-            // Wait for this job to change (or the floor), or the client to leave.
-            let deadline = tokio::time::sleep(REREAD);
-            tokio::pin!(deadline);
-            loop {
-                tokio::select! {
-                    _ = tx.closed() => return Err(Ended::Gone),
-                    _ = &mut deadline => break,
-                    c = changes.recv() => match c {
-                        Ok(id) if id == me => break,
-                        Ok(_) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return Err(Ended::Gone),
-                    },
-                }
-            }
+            wait_for_change(&tx, &mut changes, Some(&me)).await?;
         }
     };
     match ended.await {

@@ -89,6 +89,16 @@ pub struct PipelineSettings {
     pub redis_block: Duration,
 }
 
+impl PipelineSettings {
+    /// Where the service may connect to (streams, webhooks): the SSRF guard's policy.
+    pub fn network_policy(&self) -> crate::ingest::ssrf::NetworkPolicy {
+        crate::ingest::ssrf::NetworkPolicy {
+            allow_private: self.allow_private_networks,
+            allowlist: self.network_allowlist.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RateLimitSettings {
     pub enabled: bool,
@@ -141,6 +151,10 @@ pub struct Settings {
     /// Where results are also published (a Redis server and stream key), if anywhere.
     pub results_stream: Option<(url::Url, String)>,
     pub results_stream_maxlen: usize,
+    /// WEBHOOK_*: the global endpoint and how every webhook is sent.
+    pub webhooks: crate::webhook::deliver::WebhookSettings,
+    /// WEBHOOK_SECRET: also signs job webhooks given without a secret.
+    pub webhook_secret: Option<crate::webhook::Secret>,
     pub request_timeout: Duration,
     pub shutdown_timeout: Duration,
 }
@@ -229,15 +243,20 @@ fn read_file(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
     Ok(out)
 }
 /// Settings that are secrets: on Kubernetes they come from a Secret, never the ConfigMap.
-pub const SECRET_VARIABLES: &[&str] = &["DATABASE_URL", "API_KEYS", "OPENAI_API_KEY"];
+pub const SECRET_VARIABLES: &[&str] = &[
+    "DATABASE_URL",
+    "API_KEYS",
+    "OPENAI_API_KEY",
+    "WEBHOOK_SECRET",
+];
 
 /// Renders `deploy/settings.env`, the env file kustomize turns into the ConfigMap: every
 /// variable but the secrets, at its default (unquoted: kustomize keeps quotes as written).
 pub fn k8s_settings() -> String {
     let mut out = String::from(
         "# free-roam settings for Kubernetes (kustomize's configMapGenerator reads this file).\n\
-         # Made by `free-roam dev k8s-settings`; DATABASE_URL, API_KEYS and OPENAI_API_KEY are in\n\
-         # the Secret. REPLICA_ID stays empty: each pod is named by its HOSTNAME.\n",
+         # Made by `free-roam dev k8s-settings`; DATABASE_URL, API_KEYS, OPENAI_API_KEY and\n\
+         # WEBHOOK_SECRET are in the Secret. REPLICA_ID stays empty: each pod is named by its HOSTNAME.\n",
     );
     for var in VARIABLES {
         if SECRET_VARIABLES.contains(&var.name) {

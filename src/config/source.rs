@@ -102,7 +102,77 @@ impl Source {
         }
     }
 
+    /// WEBHOOK_SECRET, checked as a Standard Webhooks secret.
+    fn webhook_secret(&self) -> Result<Option<crate::webhook::Secret>, ConfigError> {
+        let raw = self.raw("WEBHOOK_SECRET");
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        crate::webhook::Secret::parse("WEBHOOK_SECRET", &raw)
+            .map(Some)
+            .map_err(|e| self.invalid_secret(e.message))
+    }
+
+    /// Like `invalid`, without echoing the value (a secret).
+    fn invalid_secret(&self, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            name: "WEBHOOK_SECRET",
+            value: "(hidden)".into(),
+            message,
+        }
+    }
+
+    fn webhooks(
+        &self,
+        secret: Option<&crate::webhook::Secret>,
+    ) -> Result<crate::webhook::deliver::WebhookSettings, ConfigError> {
+        use crate::webhook::{deliver::GlobalEndpoint, EventKind, Webhook};
+        let url = self.raw("WEBHOOK_URL");
+        let events = EventKind::parse_list("WEBHOOK_EVENTS", self.raw("WEBHOOK_EVENTS").split(','))
+            .map_err(|e| self.invalid("WEBHOOK_EVENTS", &e.message))?;
+        let global = if url.is_empty() {
+            None
+        } else {
+            let url = Webhook::check_url("WEBHOOK_URL", &url)
+                .map_err(|e| self.invalid("WEBHOOK_URL", &e.message))?;
+            let secret = secret.cloned().ok_or_else(|| {
+                self.invalid_secret(
+                    "WEBHOOK_URL is set: WEBHOOK_SECRET must be too (whsec_...)".into(),
+                )
+            })?;
+            Some(GlobalEndpoint {
+                url: url.to_string(),
+                secret,
+                events,
+            })
+        };
+        Ok(crate::webhook::deliver::WebhookSettings {
+            global,
+            max_age: Duration::from_secs(self.ranged(
+                "WEBHOOK_MAX_AGE_SECS",
+                "seconds from 1 to 2592000 (30 days)",
+                |v: &u64| (1..=2_592_000).contains(v),
+            )?),
+            max_backoff: Duration::from_secs(self.ranged(
+                "WEBHOOK_MAX_BACKOFF_SECS",
+                "seconds from 1 to 86400",
+                |v: &u64| (1..=86_400).contains(v),
+            )?),
+            timeout: Duration::from_secs(self.ranged(
+                "WEBHOOK_TIMEOUT_SECS",
+                "seconds from 1 to 300",
+                |v: &u64| (1..=300).contains(v),
+            )?),
+            concurrency: self.ranged(
+                "WEBHOOK_CONCURRENCY",
+                "a whole number from 1 to 10000",
+                |v: &usize| (1..=10_000).contains(v),
+            )?,
+        })
+    }
+
     pub(super) fn settings(&self) -> Result<Settings, ConfigError> {
+        let webhook_secret = self.webhook_secret()?;
         let max_concurrent_streams = self.ranged(
             "MAX_CONCURRENT_STREAMS",
             "a whole number from 1 to 100000",
@@ -374,6 +444,8 @@ impl Source {
                 |v: &usize| (1024..=1 << 30).contains(v),
             )?,
             results_stream: self.results_stream()?,
+            webhooks: self.webhooks(webhook_secret.as_ref())?,
+            webhook_secret,
             results_stream_maxlen: self.ranged(
                 "RESULTS_STREAM_MAXLEN",
                 "a whole number from 1 to 1000000000",

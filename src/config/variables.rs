@@ -64,6 +64,13 @@ variables! {
     "REDIS_PORT" = "6379" : "Redis port for bare stream keys.";
     "RESULTS_STREAM" = "" : "Also XADD every stored result to this Redis stream: a key (on REDIS_HOST:REDIS_PORT) or redis://host:port[/db]/key; empty: off.";
     "RESULTS_STREAM_MAXLEN" = "100000" : "Entries RESULTS_STREAM keeps (MAXLEN ~: Redis trims in whole nodes, so about this many).";
+    "WEBHOOK_URL" = "" : "Also send every job's events to this URL (Standard Webhooks: signed with WEBHOOK_SECRET); empty: off.";
+    "WEBHOOK_SECRET" = "" : "whsec_ followed by the base64 of 24-64 random bytes; signs messages to WEBHOOK_URL and to job webhooks given without a secret.";
+    "WEBHOOK_EVENTS" = "result,status" : "Events sent to WEBHOOK_URL: result, status.";
+    "WEBHOOK_MAX_AGE_SECS" = "86400" : "A webhook message not delivered this long after it was queued is dead (listed by the API, sent again on request).";
+    "WEBHOOK_MAX_BACKOFF_SECS" = "600" : "Longest wait between two attempts of a webhook message (capped, jittered exponential backoff; Retry-After is honoured).";
+    "WEBHOOK_TIMEOUT_SECS" = "10" : "Timeout of one webhook POST.";
+    "WEBHOOK_CONCURRENCY" = "32" : "Jobs whose webhook messages this replica sends at once (each job's in order).";
     "MAX_CONCURRENT_STREAMS" = "10" : "Most jobs this replica runs at once (each replica claims up to this many).";
     "MAX_ACTIVE_JOBS" = "" : "Most jobs pending or running across all replicas; more are refused with 429. Empty: MAX_CONCURRENT_STREAMS (right for one replica).";
     "REPLICA_ID" = "" : "This replica's id, the owner of the jobs it runs. Empty: HOSTNAME (the pod name on Kubernetes), else a random id.";

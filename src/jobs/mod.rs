@@ -23,7 +23,6 @@ use tokio_util::task::TaskTracker;
 use crate::config::Settings;
 use crate::domain::{Fps, JobId, JobStatus, Priority, PromptText, StreamRef};
 use crate::ingest::hls::fetch::{FetchSettings, Fetcher};
-use crate::ingest::ssrf::NetworkPolicy;
 use crate::retry::Backoff;
 use crate::stats::{Stats, StatsSnapshot};
 use crate::store::{
@@ -43,6 +42,8 @@ pub struct StartJob {
     pub model: Option<String>,
     pub priority: Priority,
     pub from_beginning: bool,
+    /// Where the job's events are also sent.
+    pub webhook: Option<crate::webhook::Webhook>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,10 +99,7 @@ impl JobManager {
     pub fn new(store: Store, settings: Arc<Settings>, models: Models) -> anyhow::Result<Self> {
         let p = &settings.pipeline;
         let fetcher = Fetcher::new(
-            NetworkPolicy {
-                allow_private: p.allow_private_networks,
-                allowlist: p.network_allowlist.clone(),
-            },
+            p.network_policy(),
             FetchSettings {
                 timeout: p.fetch_timeout,
                 backoff: Backoff::new(
@@ -147,6 +145,11 @@ impl JobManager {
         })
     }
 
+    /// This replica's id (the owner of the leases it takes).
+    pub fn replica_id(&self) -> &str {
+        &self.inner.replica
+    }
+
     /// Admits a job as `pending`; a replica with room claims it (this one within
     /// milliseconds when it has room, any other within a second).
     pub async fn start(&self, req: StartJob) -> Result<JobRecord, StartError> {
@@ -160,6 +163,7 @@ impl JobManager {
             priority: req.priority,
             from_beginning: req.from_beginning,
             prompt: req.prompt.map(PromptText::into_string),
+            webhook: req.webhook,
         };
         let limit = self.inner.settings.max_active_jobs;
         let job = match self.inner.store.create_job(&new, limit).await {

@@ -36,9 +36,13 @@ impl Store {
             return Err(CreateJobError::Conflict);
         }
         let now = now_secs();
+        let webhook = job
+            .webhook
+            .as_ref()
+            .map(|w| serde_json::to_string(w).expect("a webhook serialises"));
         sqlx::query(
-            "INSERT INTO jobs (job_id, status, stream_ref, source_type, fps, model, priority, from_beginning, created_at) \
-             VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO jobs (job_id, status, stream_ref, source_type, fps, model, priority, from_beginning, created_at, webhook) \
+             VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(job.job_id.as_str())
         .bind(&job.stream_ref)
@@ -48,8 +52,19 @@ impl Store {
         .bind(job.priority.as_str())
         .bind(i64::from(job.from_beginning))
         .bind(now)
+        .bind(webhook.as_deref())
         .execute(&mut *tx)
         .await?;
+        self.status_changed(
+            &mut tx,
+            job.job_id.as_str(),
+            JobStatus::Pending,
+            None,
+            0,
+            webhook.as_deref(),
+        )
+        .await
+        .map_err(CreateJobError::Store)?;
         if let Some(prompt) = &job.prompt {
             sqlx::query("INSERT INTO prompt_versions (scope_key, version, prompt, created_at) VALUES ($1, 1, $2, $3)")
                 .bind(PromptScope::Job(job.job_id.clone()).key())
@@ -119,42 +134,80 @@ impl Store {
 
     /// Moves an active job to `cancelled`; finished jobs are left as they are.
     pub async fn cancel_job(&self, job_id: &str) -> Result<CancelOutcome, StoreError> {
-        let updated = sqlx::query(
-            "UPDATE jobs SET status = 'cancelled', completed_at = $2 WHERE job_id = $1 AND status IN ('pending', 'running')",
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(
+            "UPDATE jobs SET status = 'cancelled', completed_at = $2 WHERE job_id = $1 AND status IN ('pending', 'running') \
+             RETURNING results_count, webhook",
         )
         .bind(job_id)
         .bind(now_secs())
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        if updated == 1 {
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = &row {
+            let webhook: Option<String> = row.try_get(1)?;
+            self.status_changed(
+                &mut tx,
+                job_id,
+                JobStatus::Cancelled,
+                None,
+                row.try_get(0)?,
+                webhook.as_deref(),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        if row.is_some() {
             self.changed(job_id).await;
         }
         let job = self.get_job(job_id).await?;
-        Ok(match (updated, job) {
+        Ok(match (row.is_some(), job) {
             (_, None) => CancelOutcome::NotFound,
-            (1, Some(job)) => CancelOutcome::Cancelled(Box::new(job)),
-            (_, Some(job)) => CancelOutcome::AlreadyFinished(job.status),
+            (true, Some(job)) => CancelOutcome::Cancelled(Box::new(job)),
+            (false, Some(job)) => CancelOutcome::AlreadyFinished(job.status),
         })
     }
 
     /// Marks an active job running (first start only sets `started_at`), under its lease.
     pub async fn mark_running(&self, job_id: &str, lease: &Lease) -> Result<bool, StoreError> {
-        let n = sqlx::query(
-            "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, $2) \
-             WHERE job_id = $1 AND status IN ('pending', 'running') AND owner = $3 AND lease_token = $4",
-        )
-        .bind(job_id)
-        .bind(now_secs())
-        .bind(lease.owner.as_ref())
-        .bind(lease.token)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        if n == 1 {
-            self.changed(job_id).await;
+        let mut tx = self.begin_write().await?;
+        let lock = match self.dialect {
+            Dialect::Postgres => " FOR UPDATE",
+            Dialect::Sqlite => "",
+        };
+        let sql = format!(
+            "SELECT status, results_count, webhook FROM jobs \
+             WHERE job_id = $1 AND status IN ('pending', 'running') AND owner = $2 AND lease_token = $3{lock}"
+        );
+        let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(job_id)
+            .bind(lease.owner.as_ref())
+            .bind(lease.token)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let was: String = row.try_get(0)?;
+        sqlx::query("UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, $2) WHERE job_id = $1")
+            .bind(job_id)
+            .bind(now_secs())
+            .execute(&mut *tx)
+            .await?;
+        if was != JobStatus::Running.as_str() {
+            let webhook: Option<String> = row.try_get(2)?;
+            self.status_changed(
+                &mut tx,
+                job_id,
+                JobStatus::Running,
+                None,
+                row.try_get(1)?,
+                webhook.as_deref(),
+            )
+            .await?;
         }
-        Ok(n == 1)
+        tx.commit().await?;
+        self.changed(job_id).await;
+        Ok(true)
     }
 
     /// Ends an active job as completed or failed, under its lease; a job cancelled (or taken
@@ -166,9 +219,11 @@ impl Store {
         status: JobStatus,
         error: Option<&str>,
     ) -> Result<bool, StoreError> {
-        let n = sqlx::query(
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(
             "UPDATE jobs SET status = $2, error = $3, completed_at = $4 \
-             WHERE job_id = $1 AND status IN ('pending', 'running') AND owner = $5 AND lease_token = $6",
+             WHERE job_id = $1 AND status IN ('pending', 'running') AND owner = $5 AND lease_token = $6 \
+             RETURNING results_count, webhook",
         )
         .bind(job_id)
         .bind(status.as_str())
@@ -176,13 +231,24 @@ impl Store {
         .bind(now_secs())
         .bind(lease.owner.as_ref())
         .bind(lease.token)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        if n == 1 {
-            self.changed(job_id).await;
-        }
-        Ok(n == 1)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(false);
+        };
+        let webhook: Option<String> = row.try_get(1)?;
+        self.status_changed(
+            &mut tx,
+            job_id,
+            status,
+            error,
+            row.try_get(0)?,
+            webhook.as_deref(),
+        )
+        .await?;
+        tx.commit().await?;
+        self.changed(job_id).await;
+        Ok(true)
     }
 
     /// Saves a job's counters and latency percentiles, and its resume progress (last segment,

@@ -6,8 +6,8 @@
 //! here, never only in memory: a job's status, counters, stats and resume progress.
 //!
 //! This file holds the types, the pool and migrations; the queries live by table:
-//! [`jobs`], [`leases`] (which replica runs which job), [`prompts`] and [`results`] (each an
-//! `impl Store` block).
+//! [`jobs`], [`leases`] (which replica runs which job), [`prompts`], [`results`] and [`push`]
+//! (the job event log and the webhook outbox), each an `impl Store` block.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -109,6 +109,8 @@ pub struct NewJob {
     pub priority: Priority,
     pub from_beginning: bool,
     pub prompt: Option<String>,
+    /// Where the job's events are also sent (Standard Webhooks).
+    pub webhook: Option<crate::webhook::Webhook>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -136,6 +138,8 @@ pub struct JobRecord {
     pub owner: Option<String>,
     /// The fencing token of the job's newest claim.
     pub lease_token: i64,
+    /// The job's own webhook, secret included: never shown as it is.
+    pub webhook: Option<crate::webhook::Webhook>,
 }
 
 #[derive(Debug)]
@@ -208,7 +212,7 @@ macro_rules! select_jobs {
         concat!(
             "SELECT list_seq, job_id, status, stream_ref, source_type, fps, model, priority, from_beginning, ",
             "created_at, started_at, completed_at, frames_processed, results_count, error, stats, progress, latency, ",
-            "owner, lease_token FROM jobs ",
+            "owner, lease_token, webhook FROM jobs ",
             $rest
         )
     };
@@ -261,6 +265,11 @@ pub struct Store {
     /// Wakes followers (SSE streams) when a job gains a result or changes status: the id of
     /// the job. Writes here send it; on PostgreSQL so does every replica's (LISTEN/NOTIFY).
     changes: tokio::sync::broadcast::Sender<Arc<str>>,
+    /// WEBHOOK_URL, for which every job's messages are queued too.
+    global_webhook: Option<Arc<GlobalWebhook>>,
+    /// Set when this process queued a webhook message: the sender looks at the outbox at
+    /// once after a change only then (and every second anyway).
+    outbox_queued: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Store {
@@ -300,6 +309,8 @@ impl Store {
             )),
             _file_lock: file_lock,
             changes: tokio::sync::broadcast::channel(4096).0,
+            global_webhook: None,
+            outbox_queued: Default::default(),
         })
     }
 
@@ -494,6 +505,7 @@ fn job_from_row(r: &AnyRow) -> Result<JobRecord, StoreError> {
         latency: serde_json::from_str(&latency).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         owner: r.try_get("owner")?,
         lease_token: r.try_get("lease_token")?,
+        webhook: push::parse_webhook(r.try_get::<Option<String>, _>("webhook")?.as_deref())?,
     })
 }
 
@@ -501,6 +513,8 @@ fn job_from_row(r: &AnyRow) -> Result<JobRecord, StoreError> {
 mod jobs;
 mod leases;
 mod prompts;
+mod push;
 mod results;
 
 pub use leases::{Lease, Takeover};
+pub use push::{Delivery, EndpointKind, EndpointSummary, GlobalWebhook, JobEvent, Resend};

@@ -24,7 +24,7 @@ impl Store {
             Dialect::Sqlite => "",
         };
         let sql = format!(
-            "SELECT results_count FROM jobs WHERE job_id = $1 AND owner = $2 AND lease_token = $3{lock}"
+            "SELECT results_count, webhook FROM jobs WHERE job_id = $1 AND owner = $2 AND lease_token = $3{lock}"
         );
         let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(job_id)
@@ -36,6 +36,8 @@ impl Store {
             return Err(StoreError::Fenced);
         };
         let seq: i64 = row.try_get(0)?;
+        let webhook: Option<String> = row.try_get(1)?;
+        let created_at = now_secs();
         let (output, error) = match &result.output {
             Ok(o) => (Some(o.as_str()), None),
             Err(e) => (None, Some(e.as_str())),
@@ -55,7 +57,7 @@ impl Store {
         .bind(error)
         .bind(result.batch_size)
         .bind(result.latency.to_string())
-        .bind(now_secs())
+        .bind(created_at)
         .bind(&result.source_key)
         .execute(&mut *tx)
         .await?
@@ -68,6 +70,28 @@ impl Store {
             .bind(job_id)
             .execute(&mut *tx)
             .await?;
+        let data = serde_json::json!({
+            "job_id": job_id,
+            "seq": seq,
+            "pts_ms": result.pts_ms,
+            "prompt_version": result.prompt_version,
+            "prompt_scope": result.prompt_scope,
+            "model": result.model,
+            "output": output,
+            "error": error,
+            "batch_size": result.batch_size,
+            "created_at": created_at,
+            "latency_ms": result.latency,
+        });
+        self.queue_webhooks(
+            &mut tx,
+            job_id,
+            webhook.as_deref(),
+            crate::webhook::EventKind::Result,
+            data,
+            created_at,
+        )
+        .await?;
         if self.dialect == Dialect::Postgres {
             // Other replicas' result streams hear of it when (and only if) it commits, in
             // the same transaction rather than one more per result.

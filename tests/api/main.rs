@@ -20,3 +20,4 @@ mod push;
 #[cfg(feature = "candle")]
 mod reference;
 mod replicas;
+mod webhooks;

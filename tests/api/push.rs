@@ -251,3 +251,73 @@ async fn results_are_published_to_the_redis_results_stream() {
     );
     assert!(bad.unwrap_err().to_string().contains("RESULTS_STREAM"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_events_stream_every_status_change_filterable_and_resumable() {
+    let dir = tempfile::tempdir().unwrap();
+    make_hls(dir.path(), "vod", 2.0, 160, 90, Container::Ts, 1.0);
+    let origin = Origin::start(dir.path()).await;
+    let model = ModelServer::start().await;
+    let app = TestApp::spawn_with(Db::Sqlite, &pairs(&model.env())).await;
+    let a = app
+        .start_job(json!({"stream_ref": origin.url("vod/index.m3u8"), "fps": 2}))
+        .await;
+    app.wait_status(&a, &["completed"], Duration::from_secs(60))
+        .await;
+    let b = app.start_job(json!({})).await;
+    assert_eq!(
+        app.delete(&format!("/api/v1/inference/cancel/{b}"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    let of = |events: &[Sse], job: &str| -> Vec<String> {
+        events
+            .iter()
+            .map(|e| serde_json::from_str::<Value>(&e.data).unwrap())
+            .filter(|d| d["job_id"] == job)
+            .map(|d| d["status"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all = read_events(&app.url("/api/v1/events"), None, |e| {
+        of(e, &b).last().map(String::as_str) == Some("cancelled")
+    })
+    .await;
+    assert!(all.iter().all(|e| e.event == "status"));
+    assert_eq!(of(&all, &a), ["pending", "running", "completed"]);
+    assert_eq!(of(&all, &b).first().map(String::as_str), Some("pending"));
+    assert_eq!(of(&all, &b).last().map(String::as_str), Some("cancelled"));
+    let ids: Vec<i64> = all
+        .iter()
+        .map(|e| e.id.as_ref().unwrap().parse().unwrap())
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids grow: {ids:?}");
+    let completed: Value = serde_json::from_str(
+        &all.iter()
+            .find(|e| e.data.contains("completed"))
+            .unwrap()
+            .data,
+    )
+    .unwrap();
+    assert_eq!(completed["results_count"], 4);
+    assert!(completed["at"].as_f64().unwrap() > 0.0);
+
+    // One job's events, resumed after its `running` event: only what came after.
+    let running = all
+        .iter()
+        .find(|e| e.data.contains(&a) && e.data.contains("running"))
+        .unwrap();
+    let rest = read_events(
+        &app.url(&format!("/api/v1/events?job_id={a}")),
+        running.id.as_deref(),
+        |e| !e.is_empty(),
+    )
+    .await;
+    assert_eq!(of(&rest, &a), ["completed"]);
+
+    let r = app.get("/api/v1/events?job_id=nope").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = app.get("/api/v1/events?after=-1").await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+}

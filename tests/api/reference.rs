@@ -118,6 +118,13 @@ fn assert_top5(ours: &[f32], want: &Value, what: &str) {
     }
 }
 
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 #[test]
 fn the_seeded_tiny_model_is_the_one_the_fixtures_were_made_from() {
     let g = golden();
@@ -132,7 +139,7 @@ fn the_seeded_tiny_model_is_the_one_the_fixtures_were_made_from() {
         )
         .unwrap();
         let bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
-        digests.push(format!("{:x}", Sha256::digest(&bytes)));
+        digests.push(sha256_hex(&bytes));
     }
     assert_eq!(
         digests[0], digests[1],
@@ -147,7 +154,7 @@ fn the_seeded_tiny_model_is_the_one_the_fixtures_were_made_from() {
     make_tiny_model(other.path(), num(&m["image_size"]), 2).unwrap();
     let bytes = std::fs::read(other.path().join("model.safetensors")).unwrap();
     assert_ne!(
-        format!("{:x}", Sha256::digest(&bytes)),
+        sha256_hex(&bytes),
         digests[0],
         "another seed, other weights"
     );
