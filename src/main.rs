@@ -95,6 +95,19 @@ enum DevTool {
         #[arg(long)]
         no_live: bool,
     },
+    /// Push latency: result stored → SSE event and → webhook received, with 1 and many SSE
+    /// clients on one live job (the release binary as a child process; Markdown out).
+    BenchPush {
+        /// Where the benchmark stream is made (and reused), with the service's log and database.
+        #[arg(default_value = "target/bench-media")]
+        dir: std::path::PathBuf,
+        /// SSE clients on the job in the second run.
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Seconds each run follows the live job.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
     /// Compare JPEG encoders on one 720p picture (a part's figure; Markdown out).
     BenchJpeg,
     /// Measure the CPU time of HLS ingest alone (a part) against the ffmpeg CLI, and streams at once.
@@ -182,6 +195,27 @@ async fn main() {
                 Ok(md) => print!("{md}"),
                 Err(e) => {
                     eprintln!("bench-service: {e:#}");
+                    std::process::exit(1);
+                }
+            }
+            return;
+        }
+        Some(Command::Dev {
+            tool:
+                DevTool::BenchPush {
+                    dir,
+                    clients,
+                    seconds,
+                },
+        }) => {
+            let opts = free_roam::devtools::bench_push::Options {
+                clients: *clients,
+                seconds: *seconds,
+            };
+            match free_roam::devtools::bench_push::bench_push(dir, opts).await {
+                Ok(md) => print!("{md}"),
+                Err(e) => {
+                    eprintln!("bench-push: {e:#}");
                     std::process::exit(1);
                 }
             }

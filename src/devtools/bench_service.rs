@@ -46,7 +46,7 @@ pub struct Options {
     pub no_live: bool,
 }
 
-fn epoch() -> f64 {
+pub(super) fn epoch() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
@@ -170,10 +170,10 @@ async fn serve(router: Router) -> anyhow::Result<SocketAddr> {
 // ---------------------------------------------------------------------------------------
 // The service under test.
 
-struct Service {
+pub(super) struct Service {
     child: Child,
-    base: String,
-    http: reqwest::Client,
+    pub(super) base: String,
+    pub(super) http: reqwest::Client,
 }
 
 impl Drop for Service {
@@ -191,6 +191,16 @@ fn free_port() -> anyhow::Result<u16> {
 
 impl Service {
     async fn start(dir: &Path, model: SocketAddr, concurrency: usize) -> anyhow::Result<Self> {
+        Self::start_with(dir, model, concurrency, &[]).await
+    }
+
+    /// [`Service::start`] with more settings.
+    pub(super) async fn start_with(
+        dir: &Path,
+        model: SocketAddr,
+        concurrency: usize,
+        extra: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let db = dir.join("bench-service.db");
         for f in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{f}", db.display()));
@@ -215,6 +225,7 @@ impl Service {
             .env("RATE_LIMIT_ENABLED", "false")
             .env("MAX_CONCURRENT_STREAMS", "1000")
             .env("LOG_LEVEL", "WARNING")
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -248,7 +259,7 @@ impl Service {
     }
 
     /// User + system CPU time of the service process so far.
-    fn cpu(&self) -> anyhow::Result<Duration> {
+    pub(super) fn cpu(&self) -> anyhow::Result<Duration> {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
         let fields: Vec<&str> = stat
             .rsplit_once(')')
@@ -274,7 +285,7 @@ impl Service {
         Ok(kb / 1024.0)
     }
 
-    async fn start_job(&self, stream_ref: &str) -> anyhow::Result<String> {
+    pub(super) async fn start_job(&self, stream_ref: &str) -> anyhow::Result<String> {
         let r: Value = self
             .http
             .post(format!("{}/api/v1/inference/start", self.base))
@@ -321,7 +332,7 @@ impl Service {
 // ---------------------------------------------------------------------------------------
 // The measurements.
 
-fn percentile(v: &mut [f64], q: f64) -> f64 {
+pub(super) fn percentile(v: &mut [f64], q: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -361,12 +372,63 @@ struct LiveRun {
 }
 
 /// The servers around the service: origin and model stand-in.
-struct Rig {
-    dir: std::path::PathBuf,
+pub(super) struct Rig {
+    pub(super) dir: std::path::PathBuf,
     origin: Arc<Origin>,
-    origin_addr: SocketAddr,
+    pub(super) origin_addr: SocketAddr,
     model: Arc<ModelServer>,
-    model_addr: SocketAddr,
+    pub(super) model_addr: SocketAddr,
+}
+
+impl Rig {
+    /// The 60 s 720p stream made under `dir`, served as a VOD and as live streams, and the
+    /// model stand-in, both on loopback in this process.
+    pub(super) async fn start(dir: &Path) -> anyhow::Result<Self> {
+        let files = make_stream(dir)?;
+        let segments: Vec<Bytes> = files
+            .iter()
+            .map(|(p, _)| std::fs::read(p).map(Bytes::from))
+            .collect::<Result<_, _>>()?;
+        let mut vod_playlist = String::from(
+            "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n#EXT-X-PLAYLIST-TYPE:VOD\n",
+        );
+        for (k, (_, ms)) in files.iter().enumerate() {
+            vod_playlist.push_str(&format!("#EXTINF:{:.3},\nseg{k:03}.ts\n", ms / 1000.0));
+        }
+        vod_playlist.push_str("#EXT-X-ENDLIST\n");
+        let origin = Arc::new(Origin {
+            segments,
+            vod_playlist,
+            live: Mutex::default(),
+        });
+        let origin_addr = serve(
+            Router::new()
+                .route("/vod/index.m3u8", get(vod_index))
+                .route("/vod/{name}", get(vod_segment))
+                .route("/live/{n}/index.m3u8", get(live_playlist))
+                .route("/live/{n}/{name}", get(live_segment))
+                .with_state(origin.clone()),
+        )
+        .await?;
+        let model = Arc::new(ModelServer::default());
+        let model_addr = serve(
+            Router::new()
+                .route("/v1/chat/completions", post(completions))
+                .route(
+                    "/v1/models",
+                    get(|| async { axum::Json(json!({"data": [{"id": "stand-in"}]})) }),
+                )
+                .with_state(model.clone()),
+        )
+        .await?;
+        Ok(Rig {
+            dir: dir.to_owned(),
+            origin,
+            origin_addr,
+            model,
+            model_addr,
+        })
+    }
 }
 
 async fn live_run(
@@ -501,51 +563,9 @@ async fn live_run(
 pub async fn bench_service(dir: &Path, opts: Options) -> anyhow::Result<String> {
     std::fs::create_dir_all(dir)?;
     let dir = dir.canonicalize()?;
-    let files = make_stream(&dir)?;
-    let segments: Vec<Bytes> = files
-        .iter()
-        .map(|(p, _)| std::fs::read(p).map(Bytes::from))
-        .collect::<Result<_, _>>()?;
-    let mut vod_playlist = String::from(
-        "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n#EXT-X-PLAYLIST-TYPE:VOD\n",
-    );
-    for (k, (_, ms)) in files.iter().enumerate() {
-        vod_playlist.push_str(&format!("#EXTINF:{:.3},\nseg{k:03}.ts\n", ms / 1000.0));
-    }
-    vod_playlist.push_str("#EXT-X-ENDLIST\n");
-    let origin = Arc::new(Origin {
-        segments,
-        vod_playlist,
-        live: Mutex::default(),
-    });
-    let origin_addr = serve(
-        Router::new()
-            .route("/vod/index.m3u8", get(vod_index))
-            .route("/vod/{name}", get(vod_segment))
-            .route("/live/{n}/index.m3u8", get(live_playlist))
-            .route("/live/{n}/{name}", get(live_segment))
-            .with_state(origin.clone()),
-    )
-    .await?;
-    let model = Arc::new(ModelServer::default());
-    let model_addr = serve(
-        Router::new()
-            .route("/v1/chat/completions", post(completions))
-            .route(
-                "/v1/models",
-                get(|| async { axum::Json(json!({"data": [{"id": "stand-in"}]})) }),
-            )
-            .with_state(model.clone()),
-    )
-    .await?;
+    let rig = Rig::start(&dir).await?;
+    let (origin_addr, model, model_addr) = (rig.origin_addr, rig.model.clone(), rig.model_addr);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let rig = Rig {
-        dir: dir.clone(),
-        origin: origin.clone(),
-        origin_addr,
-        model: model.clone(),
-        model_addr,
-    };
 
     // 1. CPU per stream: one VOD job at a time, whole service process, against the CLI.
     eprintln!("VOD: service vs ffmpeg CLI, 3 interleaved rounds ...");

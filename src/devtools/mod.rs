@@ -1,6 +1,7 @@
 //! Developer tools behind `free-roam dev ...`: the benchmarks and the tiny-model maker.
 //!
-//! [`bench_service`] measures the service a user runs (the release binary, end to end);
+//! [`bench_service`] measures the service a user runs (the release binary, end to end) and
+//! [`bench_push`] how fast its results are pushed (SSE, webhooks);
 //! the rest here measures parts: ingest alone, the in-process model alone.
 //!
 //! `free-roam dev bench-ingest` makes a 60 s 1280x720 30 fps H.264 HLS stream with the ffmpeg
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 pub mod bench_jpeg;
+pub mod bench_push;
 pub mod bench_replicas;
 pub mod bench_service;
 
