@@ -293,9 +293,24 @@ impl Store {
         } else {
             Dialect::Postgres
         };
+        let sqlite = dialect == Dialect::Sqlite;
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(std::time::Duration::from_secs(5))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if sqlite {
+                        // Write-ahead logging: readers never wait for the writer, and a commit
+                        // is one append. NORMAL syncs at checkpoints: a process crash (kill -9)
+                        // loses nothing committed; only a power loss may lose the newest
+                        // commits, never consistency. SQLite's defaults (a rollback journal,
+                        // FULL) cost several fsyncs per commit.
+                        sqlx::Executor::execute(&mut *conn, "PRAGMA journal_mode = WAL").await?;
+                        sqlx::Executor::execute(&mut *conn, "PRAGMA synchronous = NORMAL").await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(url)
             .await?;
         Ok(Self {
