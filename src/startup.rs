@@ -71,6 +71,7 @@ impl Application {
             draining: Arc::new(AtomicBool::new(false)),
             started: Instant::now(),
             sse_streams: Arc::new(tokio::sync::Semaphore::new(settings_sse)),
+            feeds: Default::default(),
         });
         Ok(Self {
             listener,

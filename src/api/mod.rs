@@ -65,6 +65,8 @@ pub struct Shared {
     pub started: Instant,
     /// Open result streams, bounded by MAX_SSE_STREAMS.
     pub sse_streams: Arc<tokio::sync::Semaphore>,
+    /// One store reader per followed job, shared by its result streams.
+    pub feeds: stream::Feeds,
 }
 
 #[derive(OpenApi)]

@@ -23,13 +23,16 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use std::collections::HashMap;
+
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use utoipa::IntoParams;
 
 use super::error::ApiError;
 use super::inference::result_view;
 use super::AppState;
-use crate::domain::Invalid;
+use crate::domain::{Invalid, JobStatus};
+use crate::store::{JobBrief, Store};
 
 /// Events a client may have waiting before it counts as too slow.
 const CLIENT_BUFFER: usize = 256;
@@ -259,13 +262,20 @@ async fn follow(
     tx: mpsc::Sender<Event>,
     _permit: OwnedSemaphorePermit,
 ) {
-    let mut changes = state.store.changes();
+    let mut feed = state.feeds.subscribe(&state.store, &job_id);
     let mut last_status = None;
-    let me: Arc<str> = Arc::from(job_id.as_str());
+    let mut fresh = true;
     let ended = async {
         loop {
-            let Ok(Some(job)) = state.store.job_brief(&job_id).await else {
-                return Err(Ended::Gone);
+            // The job as the store says now (at first and at the re-read floor), else as the
+            // job's shared feed last read it: one read per change, however many streams.
+            let shared = feed.borrow_and_update().clone();
+            let job = match shared.filter(|_| !fresh) {
+                Some(job) => job,
+                None => match state.store.job_brief(&job_id).await {
+                    Ok(Some(job)) => job,
+                    _ => return Err(Ended::Gone),
+                },
             };
             if last_status != Some(job.status) {
                 last_status = Some(job.status);
@@ -295,11 +305,93 @@ async fn follow(
                 send(&tx, Event::default().event("end").data(data.to_string())).await?;
                 return Ok(());
             }
-            wait_for_change(&tx, &mut changes, Some(&me)).await?;
+            tokio::select! {
+                _ = tx.closed() => return Err(Ended::Gone),
+                changed = feed.changed() => {
+                    fresh = changed.is_err();
+                    if fresh {
+                        // The feed is gone (it ends with no streams left): follow a new one.
+                        feed = state.feeds.subscribe(&state.store, &job_id);
+                    }
+                }
+                _ = tokio::time::sleep(REREAD) => fresh = true,
+            }
         }
     };
     match ended.await {
         Ok(()) | Err(Ended::Gone) => {}
         Err(Ended::Slow) => tracing::info!(job_id, "result stream ended: the client was too slow"),
+    }
+}
+
+/// One store reader per followed job, shared by all of its result streams: it reads the job
+/// (and its new results, into the store's cache) once per change and publishes the job's
+/// status and result count; each stream then reads its pages from the cache. A thousand
+/// clients on one job cost one store read per result, not a thousand.
+#[derive(Default)]
+pub struct Feeds {
+    live: Arc<std::sync::Mutex<HashMap<String, watch::Receiver<Option<JobBrief>>>>>,
+}
+
+impl Feeds {
+    /// The job's feed, started if none runs.
+    fn subscribe(&self, store: &Store, job_id: &str) -> watch::Receiver<Option<JobBrief>> {
+        let mut live = self.live.lock().expect("not poisoned");
+        if let Some(rx) = live.get(job_id).filter(|rx| rx.has_changed().is_ok()) {
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(None);
+        live.insert(job_id.to_owned(), rx.clone());
+        let store = store.clone();
+        let job_id = job_id.to_owned();
+        let registry = self.live.clone();
+        tokio::spawn(async move {
+            feed(&store, &job_id, tx).await;
+            // Forget it, unless a new feed for the job has started meanwhile.
+            let mut live = registry.lock().expect("not poisoned");
+            if live
+                .get(&job_id)
+                .is_some_and(|rx| rx.has_changed().is_err())
+            {
+                live.remove(&job_id);
+            }
+        });
+        rx
+    }
+}
+
+/// Reads `job_id` when it changes (or every REREAD) while anyone follows it.
+async fn feed(store: &Store, job_id: &str, tx: watch::Sender<Option<JobBrief>>) {
+    let mut changes = store.changes();
+    let me: Arc<str> = Arc::from(job_id);
+    let mut published: Option<(JobStatus, i64)> = None;
+    // The registry holds one receiver; with no stream left, the feed ends.
+    while tx.receiver_count() > 1 {
+        if let Ok(Some(job)) = store.job_brief(job_id).await {
+            let now = (job.status, job.results_count);
+            if published != Some(now) {
+                // Warm the cache with the new rows before streams ask for them.
+                let from = published.map_or(job.results_count, |(_, n)| n);
+                let new = (job.results_count - from).clamp(0, PAGE);
+                let _ = store
+                    .results(job_id, &job, (from > 0).then(|| from - 1), new)
+                    .await;
+                published = Some(now);
+                tx.send_replace(Some(job));
+            }
+        }
+        let deadline = tokio::time::sleep(REREAD);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => break,
+                c = changes.recv() => match c {
+                    Ok(id) if id == me => break,
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
     }
 }

@@ -321,3 +321,32 @@ async fn job_events_stream_every_status_change_filterable_and_resumable() {
     let r = app.get("/api/v1/events?after=-1").await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_on_one_job_share_its_feed_and_each_get_every_result_once() {
+    let dir = tempfile::tempdir().unwrap();
+    make_hls(dir.path(), "vod", 4.0, 160, 90, Container::Ts, 1.0);
+    let origin = Origin::start(dir.path()).await;
+    let model = ModelServer::start().await;
+    model.set_delay(Duration::from_millis(100));
+    let app = TestApp::spawn_with(Db::Sqlite, &pairs(&model.env())).await;
+    let id = app
+        .start_job(json!({"stream_ref": origin.url("vod/index.m3u8"), "fps": 2}))
+        .await;
+    let url = app.url(&format!("/api/v1/inference/results/{id}/stream"));
+    let clients: Vec<_> = (0..20)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                // Some join late, mid-job: they catch up from the store, then follow.
+                tokio::time::sleep(Duration::from_millis(50 * i)).await;
+                read_events(&url, None, |e| e.iter().any(|e| e.event == "end")).await
+            })
+        })
+        .collect();
+    for c in clients {
+        let events = c.await.unwrap();
+        assert_eq!(seqs(&events), (0..8).collect::<Vec<_>>());
+        assert_eq!(events.last().unwrap().event, "end");
+    }
+}
