@@ -5,9 +5,10 @@
 //! this process. A live 720p30 stream is sampled at 2 fps; SSE clients in this process
 //! follow the job's result stream. For every result, the time from its `created_at` (stamped
 //! by the service as it stores it) to its arrival at each SSE client and at the webhook
-//! receiver is taken, on the same clock. Two runs: one SSE client, then `--clients` (1,000)
-//! on the same job. Each run also checks that every client and the receiver got every result
-//! once.
+//! receiver is taken, on the same clock, for results stored after every client had
+//! connected (what a client reads while catching up at connection is read, not pushed).
+//! Two runs: one SSE client, then `--clients` (1,000) on the same job. Each run also checks
+//! that every client and the receiver got every result once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -30,8 +31,8 @@ pub struct Options {
     pub seconds: u64,
 }
 
-/// Arrival times per seq, for one receiver.
-type Arrivals = Arc<Mutex<HashMap<i64, Vec<f64>>>>;
+/// Per seq: (the result's created_at, its latency to each arrival).
+type Arrivals = Arc<Mutex<HashMap<i64, Vec<(f64, f64)>>>>;
 
 /// The webhook receiver: records (seq → arrival) for `result` messages.
 async fn hook(State(got): State<Arrivals>, body: Bytes) -> axum::http::StatusCode {
@@ -44,23 +45,26 @@ async fn hook(State(got): State<Arrivals>, body: Bytes) -> axum::http::StatusCod
                 .unwrap()
                 .entry(seq)
                 .or_default()
-                .push(at - created);
+                .push((created, at - created));
         }
     }
     axum::http::StatusCode::NO_CONTENT
 }
 
-/// One SSE client: records (seq → latency) for `result` events until `stop`.
+/// One SSE client: records (seq → latency) for `result` events until `stop`; counts itself
+/// in `connected` once its stream is open.
 async fn follow(
     http: reqwest::Client,
     url: String,
     got: Arrivals,
     stop: Instant,
+    connected: Arc<std::sync::atomic::AtomicUsize>,
 ) -> anyhow::Result<()> {
     let resp = http.get(&url).send().await?;
     if !resp.status().is_success() {
         bail!("{url}: {}", resp.status());
     }
+    connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut body = resp.bytes_stream();
     let mut text = String::new();
     while Instant::now() < stop {
@@ -85,7 +89,7 @@ async fn follow(
                         .unwrap()
                         .entry(seq)
                         .or_default()
-                        .push(at - created);
+                        .push((created, at - created));
                 }
             }
         }
@@ -134,13 +138,27 @@ async fn run(rig: &Rig, clients: usize, seconds: u64, stream: u64) -> anyhow::Re
     let sse: Arrivals = Arc::default();
     let stop = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::with_capacity(clients);
-    // Each client its own connection.
+    // One client: over HTTP/1.1 each open stream is a connection of its own.
+    let http = reqwest::Client::new();
+    let connected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for _ in 0..clients {
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .build()?;
-        tasks.push(tokio::spawn(follow(http, url.clone(), sse.clone(), stop)));
+        tasks.push(tokio::spawn(follow(
+            http.clone(),
+            url.clone(),
+            sse.clone(),
+            stop,
+            connected.clone(),
+        )));
     }
+    // Latency counts results stored once every client is connected: events a client reads
+    // while catching up on its first connection are not pushed, they are read.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while connected.load(std::sync::atomic::Ordering::Relaxed) < clients
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ready_at = epoch();
     let cpu0 = svc.cpu()?;
     let wall = Instant::now();
     for t in tasks {
@@ -175,7 +193,12 @@ async fn run(rig: &Rig, clients: usize, seconds: u64, stream: u64) -> anyhow::Re
         let complete = settled
             .iter()
             .all(|s| got.get(s).is_some_and(|v| v.len() == per));
-        let lat: Vec<f64> = got.values().flatten().map(|s| s * 1000.0).collect();
+        let lat: Vec<f64> = got
+            .values()
+            .flatten()
+            .filter(|(created, _)| *created >= ready_at)
+            .map(|(_, l)| l * 1000.0)
+            .collect();
         (complete, lat)
     };
     let (sse_complete, mut sse_lat) = collect(&sse, clients);

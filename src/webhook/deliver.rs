@@ -158,7 +158,8 @@ impl Deliverer {
         }
     }
 
-    /// Sends a queue's messages in order while they are due.
+    /// Sends a queue's messages in order while they are due. The head is read again here (not
+    /// taken from the scan): a task that just finished this queue may have sent it.
     async fn drain(&self, (job_id, endpoint): &Key) {
         loop {
             let head = match self.store.delivery_head(job_id, *endpoint).await {
@@ -169,14 +170,18 @@ impl Deliverer {
                     return;
                 }
             };
-            let until = now_secs() + self.settings.timeout.as_secs_f64() + 5.0;
-            match self.store.lock_delivery(head.id, &self.owner, until).await {
-                Ok(true) => {}
-                // Another replica is sending it.
-                Ok(false) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, job_id, "cannot take a webhook message");
-                    return;
+            // Only needed where other processes send too: on SQLite this process is the only
+            // one, and `active` already keeps each queue to one task.
+            if self.store.dialect() == crate::store::Dialect::Postgres {
+                let until = now_secs() + self.settings.timeout.as_secs_f64() + 5.0;
+                match self.store.lock_delivery(head.id, &self.owner, until).await {
+                    Ok(true) => {}
+                    // Another replica is sending it.
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, job_id, "cannot take a webhook message");
+                        return;
+                    }
                 }
             }
             if let Err(e) = self.attempt(&head).await {
