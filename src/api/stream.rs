@@ -267,8 +267,9 @@ async fn follow(
     let mut fresh = true;
     let ended = async {
         loop {
-            // The job as the store says now (at first and at the re-read floor), else as the
-            // job's shared feed last read it: one read per change, however many streams.
+            // The job as the store says now (at first, or when the feed was replaced), else as
+            // the job's shared feed last read it (it re-reads at least every REREAD itself):
+            // one read per change, however many streams.
             let shared = feed.borrow_and_update().clone();
             let job = match shared.filter(|_| !fresh) {
                 Some(job) => job,
@@ -290,7 +291,9 @@ async fn follow(
                     break;
                 }
                 for r in &page {
-                    let data = serde_json::to_string(&result_view(r)).unwrap_or_default();
+                    let data = r
+                        .encoded
+                        .get_or_init(|| serde_json::to_string(&result_view(r)).unwrap_or_default());
                     let event = Event::default()
                         .event("result")
                         .id(r.seq.to_string())
@@ -314,7 +317,6 @@ async fn follow(
                         feed = state.feeds.subscribe(&state.store, &job_id);
                     }
                 }
-                _ = tokio::time::sleep(REREAD) => fresh = true,
             }
         }
     };

@@ -179,6 +179,9 @@ pub struct ResultRecord {
     pub batch_size: i64,
     pub latency: Value,
     pub created_at: f64,
+    /// The row as the API encodes it (JSON), kept with the cached row by the first stream
+    /// that encodes it: a thousand result streams on one job encode each result once.
+    pub encoded: std::sync::OnceLock<String>,
 }
 
 /// A result the pipeline is about to store; `seq` is assigned by the store.

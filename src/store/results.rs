@@ -150,6 +150,7 @@ impl Store {
                     latency: serde_json::from_str(&latency)
                         .map_err(|e| StoreError::Corrupt(e.to_string()))?,
                     created_at: r.try_get(9)?,
+                    encoded: Default::default(),
                 });
                 self.results_cache
                     .insert((job.list_seq, record.seq), record.clone());
