@@ -26,6 +26,17 @@ impl Invalid {
     }
 }
 
+/// A URL without the password of its user info, for responses, logs and messages.
+pub fn redacted_url(raw: &str) -> String {
+    match Url::parse(raw) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => raw.to_owned(),
+    }
+}
+
 /// A job's id: client-chosen (1-128 of `A-Z a-z 0-9 . _ -`) or a generated UUID.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct JobId(String);

@@ -32,7 +32,7 @@ impl Application {
             .with_context(|| {
                 format!(
                     "cannot open the database at DATABASE_URL={}",
-                    redact(&settings.database_url)
+                    crate::domain::redacted_url(&settings.database_url)
                 )
             })?;
         let store = store.with_global_webhook(settings.webhooks.global.as_ref().map(|g| {
@@ -169,16 +169,5 @@ impl Application {
         store.close().await;
         tracing::info!("stopped");
         Ok(())
-    }
-}
-
-/// DATABASE_URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_owned(),
     }
 }

@@ -54,7 +54,7 @@ pub struct WebhookRequest {
 impl std::fmt::Debug for WebhookRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhookRequest")
-            .field("url", &crate::webhook::shown_url(&self.url))
+            .field("url", &crate::domain::redacted_url(&self.url))
             .field("events", &self.events)
             .finish_non_exhaustive()
     }
@@ -284,7 +284,7 @@ async fn webhook_status(state: &AppState, job: &JobRecord) -> Result<Vec<Webhook
                 .unwrap_or_default();
             WebhookStatus {
                 endpoint: endpoint.to_owned(),
-                url: crate::webhook::shown_url(url),
+                url: crate::domain::redacted_url(url),
                 events: events.to_vec(),
                 pending: s.pending,
                 delivered: s.delivered,

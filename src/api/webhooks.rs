@@ -72,7 +72,7 @@ fn view(d: Delivery) -> DeliveryView {
         id: d.msg_id,
         job_id: d.job_id,
         endpoint: d.endpoint.as_str().to_owned(),
-        url: crate::webhook::shown_url(&d.url),
+        url: crate::domain::redacted_url(&d.url),
         kind: d.kind,
         state: d.state,
         attempts: d.attempts,

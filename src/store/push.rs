@@ -413,6 +413,15 @@ impl Store {
         Ok(())
     }
 
+    /// Whether `url` answered 410 Gone.
+    async fn endpoint_is_gone(&self, url: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query("SELECT 1 FROM webhook_gone WHERE url = $1")
+            .bind(url)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some())
+    }
+
     /// Deliveries newest first, filtered by state and job; `before` is a previous page's
     /// last id.
     pub async fn deliveries(
@@ -447,11 +456,7 @@ impl Store {
             return Ok(Resend::NotFound);
         };
         let d = delivery_from_row(&row)?;
-        let gone = sqlx::query("SELECT 1 FROM webhook_gone WHERE url = $1")
-            .bind(&d.url)
-            .fetch_optional(&self.pool)
-            .await?;
-        if gone.is_some() {
+        if self.endpoint_is_gone(&d.url).await? {
             return Ok(Resend::Gone);
         }
         let now = now_secs();
@@ -535,11 +540,7 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
             s.last_error = last.map(|r| r.try_get(0)).transpose()?;
-            s.gone = sqlx::query("SELECT 1 FROM webhook_gone WHERE url = $1")
-                .bind(&s.url)
-                .fetch_optional(&self.pool)
-                .await?
-                .is_some();
+            s.gone = self.endpoint_is_gone(&s.url).await?;
         }
         Ok(out)
     }

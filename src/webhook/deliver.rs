@@ -19,7 +19,8 @@ use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::{shown_url, EventKind, Secret};
+use super::{EventKind, Secret};
+use crate::domain::redacted_url;
 use crate::ingest::ssrf::{refusal, GuardedResolver, NetworkPolicy};
 use crate::retry::{retry_after, Backoff};
 use crate::store::{now_secs, Delivery, EndpointKind, Store};
@@ -211,7 +212,7 @@ impl Deliverer {
 
     /// One POST of `d`, and its outcome recorded.
     async fn attempt(&self, d: &Delivery) -> Result<(), crate::store::StoreError> {
-        let shown = shown_url(&d.url);
+        let shown = redacted_url(&d.url);
         let Some(secret) = self.secret(d).await? else {
             count("dead");
             return self

@@ -170,22 +170,6 @@ impl Webhook {
     pub fn wants(&self, kind: EventKind) -> bool {
         self.events.contains(&kind)
     }
-
-    /// The URL as it may be shown: without a password.
-    pub fn shown_url(&self) -> String {
-        shown_url(&self.url)
-    }
-}
-
-/// A URL without the password of its user info, for responses and logs.
-pub fn shown_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => raw.to_owned(),
-    }
 }
 
 /// The JSON body of a message: `{"type", "timestamp" (RFC 3339), "data"}`, the envelope the
@@ -230,7 +214,10 @@ mod tests {
             events: vec![EventKind::Result],
         };
         assert!(!format!("{hook:?}").contains("MfKQ"));
-        assert_eq!(hook.shown_url(), "https://user:***@example.com/h");
+        assert_eq!(
+            crate::domain::redacted_url(&hook.url),
+            "https://user:***@example.com/h"
+        );
     }
 
     #[test]
