@@ -3,6 +3,7 @@
 //! Data flows one way: stream ref → source → decoder/sampler → batcher → model backend →
 //! store → API. The modules, in that spirit:
 //!
+//! - [`answers`]: what answers mean beyond text: alert verdicts and state, JSON Schema checks.
 //! - [`batch`]: the dynamic batcher shared by the jobs on one model.
 //! - [`config`]: typed settings from defaults, a file, `.env` and the environment.
 //! - [`devtools`]: `free-roam dev` tools (the ingest benchmark).
@@ -19,6 +20,7 @@
 //! - [`telemetry`]: logging and the Prometheus recorder.
 //! - [`startup`]: `Application`, which wires everything together.
 
+pub mod answers;
 pub mod api;
 pub mod batch;
 pub mod config;

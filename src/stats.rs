@@ -77,6 +77,8 @@ counters!(
     errors,
     reconnects,
     results_stream_failures,
+    alert_calls,
+    alert_unparseable,
 );
 
 impl Stats {

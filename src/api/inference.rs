@@ -8,6 +8,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody, Json, Path, Query};
 use super::AppState;
+use crate::answers::structured::ResponseFormat;
+use crate::answers::Output;
 use crate::domain::{Fps, Invalid, JobId, JobStatus, Priority, PromptText, SourceType, StreamRef};
 use crate::jobs::{StartError, StartJob};
 use crate::store::{CancelOutcome, JobRecord, PromptVersion, ResultRecord};
@@ -34,6 +36,13 @@ pub struct StartRequest {
     pub from_beginning: Option<bool>,
     /// Also send this job's events to a URL, signed per Standard Webhooks 1.0.
     pub webhook: Option<WebhookRequest>,
+    /// A JSON Schema the answers to `prompt` must satisfy (needs `prompt`; at most
+    /// MAX_SCHEMA_BYTES): valid answers are stored as JSON values in `output`.
+    #[schema(value_type = Option<Object>)]
+    pub response_format: Option<Value>,
+    /// The job's own alert rules (version 1 of its alert scope; without them the job follows
+    /// the global rules): yes/no questions asked about every sampled frame.
+    pub alerts: Option<Vec<super::alerts::AlertRuleRequest>>,
 }
 
 /// A job's own webhook, as `start` takes it. The secret is never shown again.
@@ -47,7 +56,7 @@ pub struct WebhookRequest {
     /// `whsec_` + base64 of 24 to 64 random bytes; WEBHOOK_SECRET when absent.
     #[schema(example = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")]
     pub secret: Option<String>,
-    /// Which events to send: `result`, `status` (default both).
+    /// Which events to send: `result`, `status`, `alert` (default all).
     pub events: Option<Vec<crate::webhook::EventKind>>,
 }
 
@@ -129,6 +138,9 @@ pub struct JobView {
     pub stream_ref: String,
     /// The prompt the job uses now.
     pub prompt: Option<String>,
+    /// The JSON Schema of that prompt version, if it has one.
+    #[schema(value_type = Option<Object>)]
+    pub response_format: Option<Value>,
     pub fps: f64,
     /// Epoch seconds.
     pub created_at: f64,
@@ -180,9 +192,13 @@ pub struct ResultView {
     pub prompt_version: i64,
     pub prompt_scope: String,
     pub model: String,
-    /// The model's answer; null when `error` is set.
-    pub output: Option<String>,
+    /// The model's answer: text, or (under a prompt with `response_format`) the JSON value
+    /// that satisfied it; null when `error` is set.
+    pub output: Option<Value>,
     pub error: Option<String>,
+    /// The frame's answers to the job's alert questions (absent when it had none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<crate::answers::alerts::AlertAnswer>,
     /// Frames in the model call that answered; 0 when the frame was refused before reaching
     /// the model (an undecodable Redis entry: `error` says which entry and why).
     pub batch_size: i64,
@@ -222,7 +238,7 @@ pub struct JobsResponse {
     pub next_after: Option<i64>,
 }
 
-fn limit(value: Option<i64>, default: i64) -> Result<i64, ApiError> {
+pub(super) fn limit(value: Option<i64>, default: i64) -> Result<i64, ApiError> {
     match value {
         None => Ok(default),
         Some(n) if (1..=1000).contains(&n) => Ok(n),
@@ -240,6 +256,24 @@ impl StartRequest {
             .as_deref()
             .map(|p| PromptText::parse(p, settings.max_prompt_bytes))
             .transpose()?;
+        let response_format = match (&self.response_format, &prompt) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(Invalid::new(
+                    "response_format",
+                    "response_format belongs to the job's own prompt: give prompt too",
+                ))
+            }
+            (Some(f), Some(_)) => Some(
+                ResponseFormat::parse(f, settings.max_schema_bytes)?
+                    .schema()
+                    .to_string(),
+            ),
+        };
+        let alerts = self
+            .alerts
+            .map(|a| super::alerts::parse_rules(a, settings))
+            .transpose()?;
         let fps = Fps::parse(self.fps.unwrap_or(settings.default_fps))?;
         let job_id = self.job_id.as_deref().map(JobId::parse).transpose()?;
         let model = match self.model {
@@ -252,6 +286,8 @@ impl StartRequest {
             job_id,
             stream_ref,
             prompt,
+            response_format,
+            alerts,
             fps,
             model,
             priority: self.priority.unwrap_or_default(),
@@ -317,6 +353,9 @@ pub(super) async fn job_view(state: &AppState, job: JobRecord) -> Result<JobView
         latency_ms: job.latency,
         models_loaded: Value::Array(models_loaded),
         prompt: prompt.as_ref().map(|p| p.prompt.clone()),
+        response_format: prompt
+            .as_ref()
+            .and_then(|p| super::prompt::schema_value(p.response_format.as_deref())),
         prompt_version: prompt.as_ref().map(|p| p.version),
         prompt_scope: prompt
             .as_ref()
@@ -354,8 +393,12 @@ pub(super) fn result_view(r: &ResultRecord) -> ResultView {
         prompt_version: r.prompt_version,
         prompt_scope: r.prompt_scope.clone(),
         model: r.model.clone(),
-        output: r.output.clone(),
+        output: r.output.as_ref().map(|o| match o {
+            Output::Text(t) => Value::String(t.clone()),
+            Output::Json(v) => v.clone(),
+        }),
         error: r.error.clone(),
+        alerts: r.alerts.clone(),
         batch_size: r.batch_size,
         created_at: r.created_at,
         latency_ms: r.latency.clone(),

@@ -4,6 +4,7 @@
 //! store; they never reach into ingest or decoder internals. Layering, outermost first:
 //! request id, trace, CORS, metrics, timeout; `/api` routes add rate limits and API-key auth.
 
+pub mod alerts;
 pub mod error;
 pub mod health;
 pub mod inference;
@@ -77,12 +78,14 @@ pub struct Shared {
         inference::start, inference::status, inference::results, stream::results_stream, inference::cancel, inference::list,
         stream::events_stream, webhooks::list, webhooks::resend,
         prompt::update, prompt::current, prompt::history,
+        alerts::update, alerts::current, alerts::history, alerts::events,
         health::health, health::ready, health::live, health::metrics,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail)),
     modifiers(&BearerAuth, &CommonErrors),
     tags((name = "inference", description = "Jobs and their results"),
          (name = "prompt", description = "Versioned prompts, global or per job"),
+         (name = "alerts", description = "Yes/no alert rules, versioned like prompts, and the events they fire"),
          (name = "webhooks", description = "Webhook deliveries (Standard Webhooks 1.0): state, dead messages, resend"),
          (name = "health", description = "Probes and metrics; no auth, no rate limit")),
 )]
@@ -194,6 +197,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/prompt/update", post(prompt::update))
         .route("/api/v1/prompt/current", get(prompt::current))
         .route("/api/v1/prompt/history", get(prompt::history))
+        .route("/api/v1/alerts/update", post(alerts::update))
+        .route("/api/v1/alerts/current", get(alerts::current))
+        .route("/api/v1/alerts/history", get(alerts::history))
+        .route("/api/v1/inference/alerts/{job_id}", get(alerts::events))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::require_api_key,

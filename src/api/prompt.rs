@@ -1,11 +1,14 @@
-//! `/api/v1/prompt/*`: append, read and list prompt versions, global or per job.
+//! `/api/v1/prompt/*`: append, read and list prompt versions, global or per job. A version
+//! may carry a `response_format` (JSON Schema) that every answer under it must satisfy.
 
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody, Json, Query};
 use super::AppState;
+use crate::answers::structured::ResponseFormat;
 use crate::domain::{Invalid, JobId, PromptText};
 use crate::store::{PromptScope, PromptVersion};
 
@@ -14,6 +17,11 @@ use crate::store::{PromptScope, PromptVersion};
 pub struct UpdatePromptRequest {
     /// The new prompt text (at most MAX_PROMPT_BYTES).
     pub prompt: String,
+    /// A JSON Schema every answer under this version must satisfy (at most MAX_SCHEMA_BYTES):
+    /// valid answers are stored as JSON values in `output`, others as the frame's error.
+    /// Without it the new version takes free-text answers.
+    #[schema(value_type = Option<Object>)]
+    pub response_format: Option<Value>,
     /// Apply to this job only; without it the global prompt changes.
     pub job_id: Option<String>,
     /// Accepted for compatibility with the seed; history is always kept (versions are immutable).
@@ -23,6 +31,9 @@ pub struct UpdatePromptRequest {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PromptView {
     pub prompt: String,
+    /// The JSON Schema answers under this version must satisfy; null for free text.
+    #[schema(value_type = Option<Object>)]
+    pub response_format: Option<Value>,
     /// Rises by 1 within a scope.
     pub version: i64,
     /// `global` or `job`.
@@ -54,6 +65,7 @@ pub struct PromptHistory {
 
 fn view(p: PromptVersion, job_id: Option<&str>) -> PromptView {
     PromptView {
+        response_format: schema_value(p.response_format.as_deref()),
         prompt: p.prompt,
         version: p.version,
         scope: p.scope.name().to_owned(),
@@ -64,8 +76,13 @@ fn view(p: PromptVersion, job_id: Option<&str>) -> PromptView {
     }
 }
 
+/// A stored `response_format` as JSON (it was checked when set).
+pub(super) fn schema_value(stored: Option<&str>) -> Option<Value> {
+    stored.and_then(|s| serde_json::from_str(s).ok())
+}
+
 /// The scope a `job_id` names; 404 if the job does not exist.
-async fn scope(state: &AppState, job_id: Option<&str>) -> Result<PromptScope, ApiError> {
+pub(super) async fn scope(state: &AppState, job_id: Option<&str>) -> Result<PromptScope, ApiError> {
     match job_id {
         None => Ok(PromptScope::Global),
         Some(id) => {
@@ -85,14 +102,23 @@ async fn scope(state: &AppState, job_id: Option<&str>) -> Result<PromptScope, Ap
     request_body = UpdatePromptRequest,
     responses((status = 200, body = PromptView), (status = 404, description = "Unknown job", body = ErrorBody),
         (status = 413, description = "Body over MAX_BODY_BYTES", body = ErrorBody),
-        (status = 422, description = "Empty or oversized prompt, unknown field", body = ErrorBody)))]
+        (status = 422, description = "Empty or oversized prompt, invalid or oversized response_format, unknown field", body = ErrorBody)))]
 pub async fn update(
     State(state): State<AppState>,
     Json(body): Json<UpdatePromptRequest>,
 ) -> Result<Json<PromptView>, ApiError> {
     let text = PromptText::parse(&body.prompt, state.settings.max_prompt_bytes)?;
+    let format = body
+        .response_format
+        .as_ref()
+        .map(|f| ResponseFormat::parse(f, state.settings.max_schema_bytes))
+        .transpose()?;
     let scope = scope(&state, body.job_id.as_deref()).await?;
-    let version = state.store.append_prompt(&scope, text.as_str()).await?;
+    let stored = format.as_ref().map(|f| f.schema().to_string());
+    let version = state
+        .store
+        .append_prompt(&scope, text.as_str(), stored.as_deref())
+        .await?;
     tracing::info!(
         scope = scope.name(),
         job_id = body.job_id.as_deref(),

@@ -132,6 +132,10 @@ pub struct Settings {
     pub max_batch_wait: Duration,
     pub default_prompt: String,
     pub max_prompt_bytes: usize,
+    /// Largest `response_format` schema, in bytes of compact JSON.
+    pub max_schema_bytes: usize,
+    /// Most alert rules per scope.
+    pub max_alerts: usize,
     pub redis_host: String,
     pub redis_port: u16,
     /// Jobs this replica runs at once.

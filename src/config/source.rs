@@ -383,6 +383,14 @@ impl Source {
                 "bytes from 1 to 1048576",
                 |v: &usize| (1..=1_048_576).contains(v),
             )?,
+            max_schema_bytes: self.ranged(
+                "MAX_SCHEMA_BYTES",
+                "bytes from 2 to 1048576",
+                |v: &usize| (2..=1_048_576).contains(v),
+            )?,
+            max_alerts: self.ranged("MAX_ALERTS", "a whole number from 0 to 64", |v: &usize| {
+                *v <= 64
+            })?,
             redis_host: self.raw("REDIS_HOST"),
             redis_port: self.parse("REDIS_PORT", "a port number")?,
             max_concurrent_streams,

@@ -47,6 +47,8 @@ variables! {
     "MAX_BATCH_WAIT_MS" = "50" : "Longest a frame waits for its batch to fill before the batch is sent.";
     "DEFAULT_PROMPT" = "Describe what is happening in this frame." : "Global prompt version 1, used until a global prompt is posted.";
     "MAX_PROMPT_BYTES" = "8192" : "Largest prompt accepted, in bytes of UTF-8.";
+    "MAX_SCHEMA_BYTES" = "16384" : "Largest response_format (JSON Schema) a prompt version may carry, in bytes of compact JSON.";
+    "MAX_ALERTS" = "8" : "Most alert rules a scope (global or one job) may have; each is one more model request per sampled frame.";
     "MAX_INPUT_HEIGHT" = "720" : "HLS master playlists: the highest-bandwidth variant at most this tall is chosen.";
     "MAX_FRAME_PIXELS" = "8294400" : "Frames with more pixels than this (default 3840x2160) fail the job.";
     "JOB_QUEUE_FRAMES" = "16" : "Frames a job may have waiting for the model; live HLS drops the oldest beyond it, VOD and Redis wait.";
@@ -66,7 +68,7 @@ variables! {
     "RESULTS_STREAM_MAXLEN" = "100000" : "Entries RESULTS_STREAM keeps (MAXLEN ~: Redis trims in whole nodes, so about this many).";
     "WEBHOOK_URL" = "" : "Also send every job's events to this URL (Standard Webhooks: signed with WEBHOOK_SECRET); empty: off.";
     "WEBHOOK_SECRET" = "" : "whsec_ followed by the base64 of 24-64 random bytes; signs messages to WEBHOOK_URL and to job webhooks given without a secret.";
-    "WEBHOOK_EVENTS" = "result,status" : "Events sent to WEBHOOK_URL: result, status.";
+    "WEBHOOK_EVENTS" = "result,status,alert" : "Events sent to WEBHOOK_URL: result, status, alert.";
     "WEBHOOK_MAX_AGE_SECS" = "86400" : "A webhook message not delivered this long after it was queued is dead (listed by the API, sent again on request).";
     "WEBHOOK_MAX_BACKOFF_SECS" = "600" : "Longest wait between two attempts of a webhook message (capped, jittered exponential backoff; Retry-After is honoured).";
     "WEBHOOK_TIMEOUT_SECS" = "10" : "Timeout of one webhook POST.";

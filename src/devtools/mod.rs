@@ -311,6 +311,7 @@ pub async fn bench_model(dir: &Path) -> anyhow::Result<String> {
                 .map(|_| InferRequest {
                     frame: frame.clone(),
                     prompt: "describe the scene".into(),
+                    response_format: None,
                     stop: tokio_util::sync::CancellationToken::new(),
                 })
                 .collect();

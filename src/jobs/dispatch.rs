@@ -1,6 +1,8 @@
 //! Dispatch: one batcher per model, and the loop that cuts batches, looks up each job's
-//! prompt in force at that moment, calls the backend, and hands every answer back to the
-//! job that asked, with its queue, preprocess and inference times.
+//! prompt and alert rules in force at that moment, calls the backend (one request per frame
+//! for the prompt and one per alert question, all in the same batch), checks structured
+//! answers against the prompt's `response_format`, and hands every answer back to the job
+//! that asked, with its queue, preprocess and inference times.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,11 +13,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::answers::alerts::AlertAnswer;
+use crate::answers::structured::ResponseFormat;
+use crate::answers::Output;
 use crate::batch::{Batcher, Queued};
 use crate::domain::JobId;
 use crate::media::Frame;
-use crate::store::{PromptVersion, Store};
-use crate::vlm::{Backend, InferRequest};
+use crate::store::{AlertSetVersion, PromptVersion, Store};
+use crate::vlm::{Backend, InferOutput, InferRequest};
 
 /// One sampled frame waiting for the model.
 pub struct Work {
@@ -38,7 +43,10 @@ pub struct Latency {
 /// The model's answer for one frame.
 #[derive(Debug)]
 pub struct Done {
-    pub output: Result<String, String>,
+    pub output: Result<Output, String>,
+    /// The answers to the job's alert questions, and the rule set they came from (`None`:
+    /// no rule set was in force, or the frame never reached the model).
+    pub alerts: Option<(Arc<AlertSetVersion>, Vec<AlertAnswer>)>,
     pub prompt_scope: String,
     pub prompt_version: i64,
     pub model: String,
@@ -51,12 +59,43 @@ impl Done {
     pub fn refused(why: String) -> Self {
         Self {
             output: Err(why),
+            alerts: None,
             prompt_scope: String::new(),
             prompt_version: 0,
             model: String::new(),
             batch_size: 0,
             latency: Latency::default(),
         }
+    }
+}
+
+/// What a job's frames are asked in one batch: the prompt in force (with its compiled
+/// `response_format`) and the alert rules in force.
+#[derive(Clone)]
+struct Asking {
+    prompt: PromptVersion,
+    format: Option<ResponseFormat>,
+    alerts: Option<Arc<AlertSetVersion>>,
+}
+
+/// Compiled `response_format`s by their text, so a schema is compiled once, not per batch.
+#[derive(Default)]
+struct Formats(Mutex<HashMap<String, ResponseFormat>>);
+
+impl Formats {
+    /// A stored schema compiled; it was checked when set, so a failure means a corrupt row.
+    fn get(&self, text: &str) -> Result<ResponseFormat, String> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = map.get(text) {
+            return Ok(f.clone());
+        }
+        let f = ResponseFormat::from_stored(text)
+            .map_err(|e| format!("the prompt's response_format cannot be used: {e}"))?;
+        if map.len() >= 256 {
+            map.clear();
+        }
+        map.insert(text.to_owned(), f.clone());
+        Ok(f)
     }
 }
 
@@ -103,6 +142,7 @@ impl Dispatchers {
             store: self.store.clone(),
             max_batch: self.max_batch,
             max_wait: self.max_wait,
+            formats: Formats::default(),
         };
         self.tracker.spawn(dispatch.run(self.stop.clone()));
         batcher
@@ -116,6 +156,7 @@ struct Dispatch {
     store: Store,
     max_batch: usize,
     max_wait: Duration,
+    formats: Formats,
 }
 
 impl Dispatch {
@@ -148,33 +189,36 @@ impl Dispatch {
         }
         let formed = Instant::now();
         let size = batch.len();
-        // The prompt in force now, per job: an update applies to every batch cut after it.
-        let mut prompts: HashMap<JobId, Result<PromptVersion, String>> = HashMap::new();
+        // What each job is asked now: an update applies to every batch cut after it.
+        let mut asking: HashMap<JobId, Result<Asking, String>> = HashMap::new();
         for q in &batch {
-            if !prompts.contains_key(&q.item.job_id) {
-                let p = match self.store.effective_prompt(&q.item.job_id).await {
-                    Ok(Some(p)) => Ok(p),
-                    Ok(None) => Err("no prompt is set".to_owned()),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot read the prompt");
-                        Err("prompt unavailable: database error".to_owned())
-                    }
-                };
-                prompts.insert(q.item.job_id.clone(), p);
+            if !asking.contains_key(&q.item.job_id) {
+                let a = self.asking(&q.item.job_id).await;
+                asking.insert(q.item.job_id.clone(), a);
             }
         }
+        // Per frame: its prompt request, then one request per alert question.
         let mut asked = Vec::new();
         let mut requests = Vec::new();
         let mut refused = Vec::new();
         for q in batch {
-            match &prompts[&q.item.job_id] {
-                Ok(p) => {
+            match &asking[&q.item.job_id] {
+                Ok(a) => {
                     requests.push(InferRequest {
                         frame: q.item.frame.clone(),
-                        prompt: p.prompt.clone(),
+                        prompt: a.prompt.prompt.clone(),
+                        response_format: a.format.as_ref().map(|f| Arc::new(f.schema().clone())),
                         stop: q.item.stop.clone(),
                     });
-                    asked.push((q, p.clone()));
+                    for rule in a.alerts.iter().flat_map(|s| &s.rules) {
+                        requests.push(InferRequest {
+                            frame: q.item.frame.clone(),
+                            prompt: rule.prompt(),
+                            response_format: None,
+                            stop: q.item.stop.clone(),
+                        });
+                    }
+                    asked.push((q, a.clone()));
                 }
                 Err(why) => refused.push((q, why.clone())),
             }
@@ -187,25 +231,30 @@ impl Dispatch {
         metrics::histogram!("free_roam_batch_size", "model" => self.model.clone())
             .record(size as f64);
         let queue_of = |q: &Queued<Work>| (formed - q.enqueued).as_secs_f64() * 1000.0;
-        for ((q, prompt), out) in asked.into_iter().zip(outputs) {
+        let mut outputs = outputs.into_iter();
+        for (q, a) in asked {
+            let Some(out) = outputs.next() else { break };
+            let rules = a.alerts.as_ref().map_or(&[][..], |s| &s.rules[..]);
+            let answers: Vec<AlertAnswer> = rules
+                .iter()
+                .zip(outputs.by_ref())
+                .map(|(rule, reply)| {
+                    let version = a.alerts.as_ref().map_or(0, |s| s.version);
+                    AlertAnswer::from_reply(rule, version, &reply.output)
+                })
+                .collect();
             let latency = Latency {
                 queue: queue_of(&q),
                 preprocess: out.preprocess_ms,
                 inference: out.inference_ms,
                 total: q.enqueued.elapsed().as_secs_f64() * 1000.0,
             };
-            for (stage, ms) in [
-                ("queue", latency.queue),
-                ("preprocess", latency.preprocess),
-                ("inference", latency.inference),
-                ("total", latency.total),
-            ] {
-                metrics::histogram!("free_roam_stage_seconds", "stage" => stage, "model" => self.model.clone()).record(ms / 1000.0);
-            }
+            self.record(&latency);
             let _ = q.item.reply.send(Done {
-                output: out.output,
-                prompt_scope: prompt.scope.name().to_owned(),
-                prompt_version: prompt.version,
+                output: answer(out, a.format.as_ref()),
+                alerts: a.alerts.map(|set| (set, answers)),
+                prompt_scope: a.prompt.scope.name().to_owned(),
+                prompt_version: a.prompt.version,
                 model: self.model.clone(),
                 batch_size: size,
                 latency,
@@ -219,13 +268,58 @@ impl Dispatch {
                 total: q.enqueued.elapsed().as_secs_f64() * 1000.0,
             };
             let _ = q.item.reply.send(Done {
-                output: Err(why),
-                prompt_scope: String::new(),
-                prompt_version: 0,
                 model: self.model.clone(),
                 batch_size: size,
                 latency,
+                ..Done::refused(why)
             });
         }
+    }
+
+    fn record(&self, latency: &Latency) {
+        for (stage, ms) in [
+            ("queue", latency.queue),
+            ("preprocess", latency.preprocess),
+            ("inference", latency.inference),
+            ("total", latency.total),
+        ] {
+            metrics::histogram!("free_roam_stage_seconds", "stage" => stage, "model" => self.model.clone())
+                .record(ms / 1000.0);
+        }
+    }
+
+    /// The prompt (with its compiled schema) and alert rules in force for `job_id`, or why
+    /// its frames cannot be asked.
+    async fn asking(&self, job_id: &JobId) -> Result<Asking, String> {
+        let read = async {
+            let prompt = self.store.effective_prompt(job_id).await?;
+            let alerts = self.store.effective_alerts(job_id).await?;
+            Ok::<_, crate::store::StoreError>((prompt, alerts))
+        };
+        let (prompt, alerts) = read.await.map_err(|e| {
+            tracing::error!(error = %e, "cannot read the prompt or alert rules");
+            "prompt unavailable: database error".to_owned()
+        })?;
+        let prompt = prompt.ok_or_else(|| "no prompt is set".to_owned())?;
+        let format = prompt
+            .response_format
+            .as_deref()
+            .map(|text| self.formats.get(text))
+            .transpose()?;
+        Ok(Asking {
+            prompt,
+            format,
+            alerts: alerts.map(Arc::new),
+        })
+    }
+}
+
+/// The answer as it is stored: text, or with a `response_format` the JSON value that
+/// satisfies it (else the frame's error says why).
+fn answer(out: InferOutput, format: Option<&ResponseFormat>) -> Result<Output, String> {
+    let text = out.output?;
+    match format {
+        None => Ok(Output::Text(text)),
+        Some(f) => f.check(&text).map(Output::Json),
     }
 }

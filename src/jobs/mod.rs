@@ -38,6 +38,10 @@ pub struct StartJob {
     pub job_id: Option<JobId>,
     pub stream_ref: StreamRef,
     pub prompt: Option<PromptText>,
+    /// The JSON Schema of the job's own prompt (checked), as JSON text.
+    pub response_format: Option<String>,
+    /// The job's own alert rules (checked).
+    pub alerts: Option<Vec<crate::answers::alerts::AlertRule>>,
     pub fps: Fps,
     pub model: Option<String>,
     pub priority: Priority,
@@ -163,6 +167,8 @@ impl JobManager {
             priority: req.priority,
             from_beginning: req.from_beginning,
             prompt: req.prompt.map(PromptText::into_string),
+            response_format: req.response_format,
+            alerts: req.alerts,
             webhook: req.webhook,
         };
         let limit = self.inner.settings.max_active_jobs;

@@ -2,7 +2,9 @@
 //! stores each answer in order.
 //!
 //! The writer is the only stage that touches the store for results: it awaits answers in the
-//! order frames were sampled (so `seq` follows media time), acknowledges Redis entries after
+//! order frames were sampled (so `seq` follows media time), moves the job's alert state with
+//! each stored result (the store saves it and the events it fires in the same transaction),
+//! acknowledges Redis entries after
 //! their result is stored, and saves the job's progress (last HLS segment, decoder and
 //! sampler state) once everything before that point is stored, so a restart resumes there.
 
@@ -19,6 +21,7 @@ use url::Url;
 
 use super::dispatch::{Done, Work};
 use super::publish::ResultStream;
+use crate::answers::alerts::{AlertTracker, Verdict};
 use crate::batch::{Batcher, LaneHandle, WhenFull};
 use crate::config::Settings;
 use crate::domain::{JobId, JobStatus, Source};
@@ -89,6 +92,14 @@ impl Pipeline {
     pub async fn run(self) -> Outcome {
         let progress: Progress =
             serde_json::from_value(self.job.progress.clone()).unwrap_or_default();
+        // Alerts go on from the state the newest stored result left (events fire once).
+        let alert_state = match self.store.alert_state(self.job_id.as_str()).await {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::error!(job_id = %self.job_id, error = %e, "cannot read the job's alert state; leaving the job for a later claim");
+                return Outcome::Stopped;
+            }
+        };
         let lane = self.batcher.lane(
             self.job.priority.weight(),
             self.settings.pipeline.job_queue_frames,
@@ -132,7 +143,7 @@ impl Pipeline {
             acker,
             cancel: self.cancel.clone(),
         };
-        let (ended, ()) = tokio::join!(source_ended, writer.run(pending_rx));
+        let (ended, ()) = tokio::join!(source_ended, writer.run(pending_rx, alert_state));
         writer.save_stats(&self.stats.snapshot(), None).await;
         if self.cancel.is_cancelled() {
             // Cancelled by its user the job is over: its consumer group goes too. Stopped by a
@@ -453,7 +464,8 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(&self, mut rx: mpsc::Receiver<Pending>) {
+    /// `alerts`: the job's alert state after its newest stored result.
+    async fn run(&self, mut rx: mpsc::Receiver<Pending>, mut alerts: AlertTracker) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut exported = self.stats.snapshot();
         loop {
@@ -474,6 +486,11 @@ impl Writer {
                     // An error here means the frame was dropped from a full live lane.
                     let Ok(done) = done else { continue };
                     let failed = done.output.is_err();
+                    if let Some((_, answers)) = &done.alerts {
+                        Stats::add(&self.stats.alert_calls, answers.len() as u64);
+                        let odd = answers.iter().filter(|a| a.answer == Verdict::Unparseable);
+                        Stats::add(&self.stats.alert_unparseable, odd.count() as u64);
+                    }
                     let l = done.latency;
                     let phases = [l.queue, l.preprocess, l.inference, l.total];
                     let result = NewResult {
@@ -494,11 +511,24 @@ impl Writer {
                         output: done.output,
                         batch_size: done.batch_size as i64,
                         latency: json!(done.latency),
+                        alerts: done.alerts,
                     };
-                    match self.store_result(&result).await {
+                    let before = alerts.clone();
+                    match self.store_result(&result, &mut alerts).await {
                         Some(Appended::New(seq)) => {
                             if let Some(stream) = &self.publish {
-                                if !stream.publish(self.job_id.as_str(), seq, &result).await {
+                                // The events the store logged with this result: the same
+                                // transition again, from the state before it.
+                                let events = match &result.alerts {
+                                    Some((set, answers)) => {
+                                        before.clone().apply(seq, pts_ms, &set.rules, answers)
+                                    }
+                                    None => Vec::new(),
+                                };
+                                if !stream
+                                    .publish(self.job_id.as_str(), seq, &result, &events)
+                                    .await
+                                {
                                     Stats::add(&self.stats.results_stream_failures, 1);
                                 }
                             }
@@ -541,13 +571,17 @@ impl Writer {
 
     /// Stores a result, retrying while the database is away; `None` if cancelled first or
     /// fenced (another replica owns the job now: this pipeline stops).
-    async fn store_result(&self, result: &NewResult) -> Option<Appended> {
+    async fn store_result(
+        &self,
+        result: &NewResult,
+        alerts: &mut AlertTracker,
+    ) -> Option<Appended> {
         let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), u32::MAX);
         let mut failures = 0;
         loop {
             match self
                 .store
-                .append_result(self.job_id.as_str(), &self.lease, result)
+                .append_result(self.job_id.as_str(), &self.lease, result, alerts)
                 .await
             {
                 Ok(appended) => return Some(appended),

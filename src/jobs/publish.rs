@@ -1,5 +1,6 @@
 //! Results published to a Redis stream (`RESULTS_STREAM`), for consumers that already live on
-//! Redis: each stored result is XADDed once stored, with `MAXLEN ~ RESULTS_STREAM_MAXLEN`.
+//! Redis: each stored result is XADDed once stored (`type` `result`), followed by the alert
+//! events it fired (`type` `alert.started` / `alert.ended`), with `MAXLEN ~ RESULTS_STREAM_MAXLEN`.
 //!
 //! The store stays the record: a result is published after it is stored, and only when it is
 //! new (a result repeated after a crash is not published again). Publishing is
@@ -14,6 +15,7 @@ use redis::aio::ConnectionManager;
 use tokio::sync::OnceCell;
 use url::Url;
 
+use crate::answers::alerts::AlertEvent;
 use crate::store::NewResult;
 
 pub struct ResultStream {
@@ -33,23 +35,57 @@ impl ResultStream {
         }))
     }
 
-    /// XADDs one stored result; false when it could not be published (after 3 tries).
-    pub async fn publish(&self, job_id: &str, seq: i64, r: &NewResult) -> bool {
+    /// XADDs one stored result, then the alert events it fired (each an entry with `type`
+    /// `alert.started` or `alert.ended` and the event as JSON in `data`); false when any
+    /// could not be published (after 3 tries each).
+    pub async fn publish(
+        &self,
+        job_id: &str,
+        seq: i64,
+        r: &NewResult,
+        events: &[AlertEvent],
+    ) -> bool {
         let seq = seq.to_string();
         let pts = r.pts_ms.to_string();
         let version = r.prompt_version.to_string();
-        let (output, error) = match &r.output {
-            Ok(o) => (o.as_str(), ""),
-            Err(e) => ("", e.as_str()),
+        let (output, format, error) = match &r.output {
+            Ok(o) => (o.to_stored(), o.format().unwrap_or("text"), ""),
+            Err(e) => (String::new(), "", e.as_str()),
         };
-        let fields: [(&str, &str); 6] = [
+        let alerts = match &r.alerts {
+            Some((_, answers)) if !answers.is_empty() => {
+                serde_json::to_string(answers).unwrap_or_default()
+            }
+            _ => String::new(),
+        };
+        let fields: [(&str, &str); 9] = [
+            ("type", "result"),
             ("job_id", job_id),
             ("seq", &seq),
             ("pts_ms", &pts),
             ("prompt_version", &version),
-            ("output", output),
+            ("output", &output),
+            ("output_format", format),
             ("error", error),
+            ("alerts", &alerts),
         ];
+        let mut published = self.add(job_id, &fields).await;
+        for event in events {
+            let mut data = serde_json::to_value(event).unwrap_or_default();
+            data["job_id"] = job_id.into();
+            let data = data.to_string();
+            let fields = [
+                ("type", event.change.event_type()),
+                ("job_id", job_id),
+                ("data", &data),
+            ];
+            published &= self.add(job_id, &fields).await;
+        }
+        published
+    }
+
+    /// XADDs one entry with up to 3 tries.
+    async fn add(&self, job_id: &str, fields: &[(&str, &str)]) -> bool {
         for attempt in 0..3u32 {
             let conn = self
                 .conn
@@ -64,7 +100,7 @@ impl ResultStream {
                         .arg("~")
                         .arg(self.maxlen)
                         .arg("*")
-                        .arg(&fields[..])
+                        .arg(fields)
                         .query_async(&mut c)
                         .await
                 }
@@ -73,7 +109,7 @@ impl ResultStream {
             match added {
                 Ok(_) => return true,
                 Err(e) => {
-                    tracing::warn!(job_id, error = %e, attempt, "cannot publish a result to RESULTS_STREAM");
+                    tracing::warn!(job_id, error = %e, attempt, "cannot publish to RESULTS_STREAM");
                     tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
                 }
             }

@@ -65,10 +65,20 @@ impl Store {
         )
         .await
         .map_err(CreateJobError::Store)?;
+        let scope = PromptScope::Job(job.job_id.clone()).key();
         if let Some(prompt) = &job.prompt {
-            sqlx::query("INSERT INTO prompt_versions (scope_key, version, prompt, created_at) VALUES ($1, 1, $2, $3)")
-                .bind(PromptScope::Job(job.job_id.clone()).key())
+            sqlx::query("INSERT INTO prompt_versions (scope_key, version, prompt, response_format, created_at) VALUES ($1, 1, $2, $3, $4)")
+                .bind(&scope)
                 .bind(prompt)
+                .bind(job.response_format.as_deref())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(rules) = &job.alerts {
+            sqlx::query("INSERT INTO alert_versions (scope_key, version, alerts, created_at) VALUES ($1, 1, $2, $3)")
+                .bind(&scope)
+                .bind(serde_json::to_string(rules).expect("alert rules serialise"))
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;

@@ -6,8 +6,9 @@
 //! here, never only in memory: a job's status, counters, stats and resume progress.
 //!
 //! This file holds the types, the pool and migrations; the queries live by table:
-//! [`jobs`], [`leases`] (which replica runs which job), [`prompts`], [`results`] and [`push`]
-//! (the job event log and the webhook outbox), each an `impl Store` block.
+//! [`jobs`], [`leases`] (which replica runs which job), [`prompts`], [`alerts`] (rule sets,
+//! alert state and events), [`results`] and [`push`] (the job event log and the webhook
+//! outbox), each an `impl Store` block.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -17,6 +18,8 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Row};
 
+use crate::answers::alerts::{AlertAnswer, AlertRule};
+use crate::answers::Output;
 use crate::domain::{JobId, JobStatus, Priority, SourceType};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -92,10 +95,21 @@ pub struct PromptVersion {
     pub scope: PromptScope,
     pub version: i64,
     pub prompt: String,
+    /// The JSON Schema answers under this version must satisfy (as JSON text), if any.
+    pub response_format: Option<String>,
     /// When this version was written.
     pub created_at: f64,
     /// When the scope's first version was written.
     pub scope_created_at: f64,
+}
+
+/// One immutable version of a scope's alert rules (an empty set turns alerts off there).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertSetVersion {
+    pub scope: PromptScope,
+    pub version: i64,
+    pub rules: Vec<AlertRule>,
+    pub created_at: f64,
 }
 
 /// What the API gives to create a job.
@@ -109,6 +123,10 @@ pub struct NewJob {
     pub priority: Priority,
     pub from_beginning: bool,
     pub prompt: Option<String>,
+    /// The JSON Schema of the job's own prompt (only with `prompt`).
+    pub response_format: Option<String>,
+    /// The job's own alert rules (version 1 of its alert scope).
+    pub alerts: Option<Vec<AlertRule>>,
     /// Where the job's events are also sent (Standard Webhooks).
     pub webhook: Option<crate::webhook::Webhook>,
 }
@@ -174,11 +192,13 @@ pub struct ResultRecord {
     pub prompt_scope: String,
     pub prompt_version: i64,
     pub model: String,
-    pub output: Option<String>,
+    pub output: Option<Output>,
     pub error: Option<String>,
     pub batch_size: i64,
     pub latency: Value,
     pub created_at: f64,
+    /// The frame's answers to the job's alert questions (empty when it had none).
+    pub alerts: Vec<AlertAnswer>,
     /// The row as the API encodes it (JSON), kept with the cached row by the first stream
     /// that encodes it: a thousand result streams on one job encode each result once.
     pub encoded: std::sync::OnceLock<String>,
@@ -194,9 +214,12 @@ pub struct NewResult {
     pub prompt_scope: String,
     pub prompt_version: i64,
     pub model: String,
-    pub output: Result<String, String>,
+    pub output: Result<Output, String>,
     pub batch_size: i64,
     pub latency: Value,
+    /// The frame's answers to its alert questions, and the rule set they were asked from
+    /// (`None`: no alert set was in force, nothing to apply to the job's alert state).
+    pub alerts: Option<(Arc<AlertSetVersion>, Vec<AlertAnswer>)>,
 }
 
 /// What storing a result did.
@@ -234,8 +257,8 @@ struct ResultWeight;
 impl quick_cache::Weighter<(i64, i64), Arc<ResultRecord>> for ResultWeight {
     fn weight(&self, _: &(i64, i64), r: &Arc<ResultRecord>) -> u64 {
         let text =
-            r.output.as_ref().map_or(0, String::len) + r.error.as_ref().map_or(0, String::len);
-        (256 + text + r.model.len() + r.prompt_scope.len()) as u64
+            r.output.as_ref().map_or(0, Output::size) + r.error.as_ref().map_or(0, String::len);
+        (256 + text + 64 * r.alerts.len() + r.model.len() + r.prompt_scope.len()) as u64
     }
 }
 
@@ -528,6 +551,7 @@ fn job_from_row(r: &AnyRow) -> Result<JobRecord, StoreError> {
 }
 
 // After `select_jobs!`, which they use (macros are in scope from their definition on).
+mod alerts;
 mod jobs;
 mod leases;
 mod prompts;

@@ -1,5 +1,8 @@
 //! Prompt versions: append-only history per scope (global or one job), and the prompt in
-//! force for a job.
+//! force for a job. A version may carry a `response_format` (JSON Schema text, checked by the
+//! API before it gets here).
+
+use std::future::Future;
 
 use sqlx::Row;
 
@@ -11,30 +14,21 @@ impl Store {
         &self,
         scope: &PromptScope,
         prompt: &str,
+        response_format: Option<&str>,
     ) -> Result<PromptVersion, StoreError> {
         let key = scope.key();
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let inserted = sqlx::query(
-                "INSERT INTO prompt_versions (scope_key, version, prompt, created_at) \
-                 SELECT $1, COALESCE(MAX(version), 0) + 1, $2, $3 FROM prompt_versions WHERE scope_key = $1",
+        insert_next_version(|| {
+            sqlx::query(
+                "INSERT INTO prompt_versions (scope_key, version, prompt, response_format, created_at) \
+                 SELECT $1, COALESCE(MAX(version), 0) + 1, $2, $3, $4 FROM prompt_versions WHERE scope_key = $1",
             )
             .bind(&key)
             .bind(prompt)
+            .bind(response_format)
             .bind(now_secs())
             .execute(&self.pool)
-            .await;
-            match inserted {
-                Ok(_) => break,
-                // Two writers picked the same next version (PostgreSQL, concurrent updates):
-                // the primary key refused one; it tries again with the new maximum.
-                Err(sqlx::Error::Database(e)) if e.is_unique_violation() && attempt < 10 => {
-                    continue
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        })
+        .await?;
         self.current_prompt(scope)
             .await?
             .ok_or_else(|| StoreError::Corrupt("prompt vanished after insert".into()))
@@ -57,7 +51,7 @@ impl Store {
         let key = scope.key();
         let rows = sqlx::query(limited(
             "SELECT version, prompt, created_at, \
-             (SELECT MIN(created_at) FROM prompt_versions p2 WHERE p2.scope_key = $1) \
+             (SELECT MIN(created_at) FROM prompt_versions p2 WHERE p2.scope_key = $1), response_format \
              FROM prompt_versions WHERE scope_key = $1 ORDER BY version DESC",
             limit,
         ))
@@ -78,6 +72,7 @@ impl Store {
                     prompt: r.try_get(1)?,
                     created_at: r.try_get(2)?,
                     scope_created_at: r.try_get(3)?,
+                    response_format: r.try_get(4)?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()?;
@@ -93,7 +88,7 @@ impl Store {
         let own = PromptScope::Job(job_id.clone()).key();
         let row = sqlx::query(
             "SELECT p.scope_key, p.version, p.prompt, p.created_at, \
-             (SELECT MIN(created_at) FROM prompt_versions p2 WHERE p2.scope_key = p.scope_key) \
+             (SELECT MIN(created_at) FROM prompt_versions p2 WHERE p2.scope_key = p.scope_key), p.response_format \
              FROM prompt_versions p WHERE p.scope_key IN ($1, 'global') \
              ORDER BY CASE WHEN p.scope_key = 'global' THEN 1 ELSE 0 END, p.version DESC LIMIT 1",
         )
@@ -112,6 +107,7 @@ impl Store {
                 prompt: r.try_get(2)?,
                 created_at: r.try_get(3)?,
                 scope_created_at: r.try_get(4)?,
+                response_format: r.try_get(5)?,
             })
         })
         .transpose()
@@ -132,6 +128,25 @@ impl Store {
             // Another replica wrote it first.
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(()),
             Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Runs an `INSERT … SELECT COALESCE(MAX(version), 0) + 1 …` of a versioned scope until it
+/// takes a version: two writers may pick the same next version (PostgreSQL, concurrent
+/// updates); the primary key refuses one, which tries again with the new maximum.
+pub(super) async fn insert_next_version<F, Fut>(mut insert: F) -> Result<(), StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<sqlx::any::AnyQueryResult, sqlx::Error>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match insert().await {
+            Ok(_) => return Ok(()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() && attempt < 10 => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }

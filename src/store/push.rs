@@ -141,7 +141,19 @@ pub(super) fn parse_webhook(stored: Option<&str>) -> Result<Option<Webhook>, Sto
         .transpose()
 }
 
-type Tx = sqlx::Transaction<'static, sqlx::Any>;
+pub(super) type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+/// A row of `SELECT id, job_id, type, data, created_at FROM job_events`.
+pub(super) fn event_from_row(r: &AnyRow) -> Result<JobEvent, StoreError> {
+    let data: String = r.try_get(3)?;
+    Ok(JobEvent {
+        id: r.try_get(0)?,
+        job_id: r.try_get(1)?,
+        kind: r.try_get(2)?,
+        data: serde_json::from_str(&data).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        created_at: r.try_get(4)?,
+    })
+}
 
 impl Store {
     /// Queues messages for WEBHOOK_URL too (set once at start).
@@ -150,15 +162,17 @@ impl Store {
         self
     }
 
-    /// Inside `tx`: queues a `kind` message carrying `data` for every endpoint of the job that
-    /// wants it (its own webhook, stored as `job_webhook`, and WEBHOOK_URL), unless the
-    /// endpoint answered 410 Gone.
+    /// Inside `tx`: queues a message of type `msg_type` (an event of `kind`) carrying `data`
+    /// for every endpoint of the job that wants `kind` (its own webhook, stored as
+    /// `job_webhook`, and WEBHOOK_URL), unless the endpoint answered 410 Gone.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn queue_webhooks(
         &self,
         tx: &mut Tx,
         job_id: &str,
         job_webhook: Option<&str>,
         kind: EventKind,
+        msg_type: &str,
         data: Value,
         at: f64,
     ) -> Result<(), StoreError> {
@@ -177,7 +191,7 @@ impl Store {
         if targets.is_empty() {
             return Ok(());
         }
-        let body = envelope(kind.as_str(), at, data).to_string();
+        let body = envelope(msg_type, at, data).to_string();
         for (endpoint, url) in targets {
             sqlx::query(
                 "INSERT INTO webhook_deliveries (msg_id, job_id, endpoint, url, type, payload, created_at, queued_at, next_attempt_at) \
@@ -187,7 +201,7 @@ impl Store {
             .bind(job_id)
             .bind(endpoint.as_str())
             .bind(url)
-            .bind(kind.as_str())
+            .bind(msg_type)
             .bind(&body)
             .bind(at)
             .execute(&mut **tx)
@@ -222,6 +236,28 @@ impl Store {
             "error": error,
             "results_count": results_count,
         });
+        self.log_event(tx, job_id, "status", &data, at).await?;
+        self.queue_webhooks(
+            tx,
+            job_id,
+            job_webhook,
+            EventKind::Status,
+            "status",
+            data,
+            at,
+        )
+        .await
+    }
+
+    /// Inside `tx`: appends an entry to the job event log.
+    pub(super) async fn log_event(
+        &self,
+        tx: &mut Tx,
+        job_id: &str,
+        kind: &str,
+        data: &Value,
+        at: f64,
+    ) -> Result<(), StoreError> {
         if self.dialect == Dialect::Postgres {
             // Event ids in commit order, so a reader following `id > cursor` misses none.
             sqlx::query("SELECT pg_advisory_xact_lock(7265747)")
@@ -229,15 +265,15 @@ impl Store {
                 .await?;
         }
         sqlx::query(
-            "INSERT INTO job_events (job_id, type, data, created_at) VALUES ($1, 'status', $2, $3)",
+            "INSERT INTO job_events (job_id, type, data, created_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(job_id)
+        .bind(kind)
         .bind(data.to_string())
         .bind(at)
         .execute(&mut **tx)
         .await?;
-        self.queue_webhooks(tx, job_id, job_webhook, EventKind::Status, data, at)
-            .await
+        Ok(())
     }
 
     /// Job events with `id > after`, oldest first, of one job or all, at most `limit`.
@@ -256,19 +292,7 @@ impl Store {
         .bind(job_id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let data: String = r.try_get(3)?;
-                Ok(JobEvent {
-                    id: r.try_get(0)?,
-                    job_id: r.try_get(1)?,
-                    kind: r.try_get(2)?,
-                    data: serde_json::from_str(&data)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                    created_at: r.try_get(4)?,
-                })
-            })
-            .collect()
+        rows.iter().map(event_from_row).collect()
     }
 
     /// A job's own webhook (with its secret, for signing).

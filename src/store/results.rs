@@ -1,20 +1,26 @@
-//! Results: appended with contiguous seqs, read in pages (from memory when cached), and the
-//! newest latencies.
+//! Results: appended with contiguous seqs (with the alert state and events they move, in
+//! the same transaction), read in pages (from memory when cached), and the newest latencies.
 
 use serde_json::Value;
 use sqlx::Row;
 
 use super::*;
+use crate::answers::alerts::AlertTracker;
 
 impl Store {
     /// Stores one result with the job's next `seq` and bumps its `results_count`, atomically,
     /// under the pipeline's lease ([`StoreError::Fenced`] once it has passed on). A result
     /// whose `source_key` the job already has is not stored again: [`Appended::Duplicate`].
+    ///
+    /// `alerts` is the job's alert state before this result; the result's alert answers move
+    /// it (saved, and its events logged and queued, in the same transaction), and it is
+    /// updated here only once that commits — a duplicate or a failure leaves it as it was.
     pub async fn append_result(
         &self,
         job_id: &str,
         lease: &Lease,
         result: &NewResult,
+        alerts: &mut AlertTracker,
     ) -> Result<Appended, StoreError> {
         let mut tx = self.begin_write().await?;
         // On PostgreSQL the row lock orders this against a claim of the job: a claim either
@@ -38,13 +44,18 @@ impl Store {
         let seq: i64 = row.try_get(0)?;
         let webhook: Option<String> = row.try_get(1)?;
         let created_at = now_secs();
-        let (output, error) = match &result.output {
-            Ok(o) => (Some(o.as_str()), None),
-            Err(e) => (None, Some(e.as_str())),
+        let (output, format, error) = match &result.output {
+            Ok(o) => (Some(o.to_stored()), o.format(), None),
+            Err(e) => (None, None, Some(e.as_str())),
         };
+        let answers = result
+            .alerts
+            .as_ref()
+            .map(|(_, a)| a)
+            .filter(|a| !a.is_empty());
         let inserted = sqlx::query(
-            "INSERT INTO results (job_id, seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, source_key) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+            "INSERT INTO results (job_id, seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, source_key, output_format, alerts) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
              ON CONFLICT (job_id, source_key) DO NOTHING",
         )
         .bind(job_id)
@@ -53,12 +64,14 @@ impl Store {
         .bind(&result.prompt_scope)
         .bind(result.prompt_version)
         .bind(&result.model)
-        .bind(output)
+        .bind(output.as_deref())
         .bind(error)
         .bind(result.batch_size)
         .bind(result.latency.to_string())
         .bind(created_at)
         .bind(&result.source_key)
+        .bind(format)
+        .bind(answers.map(|a| serde_json::to_string(a).expect("alert answers serialise")))
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -70,28 +83,36 @@ impl Store {
             .bind(job_id)
             .execute(&mut *tx)
             .await?;
-        let data = serde_json::json!({
+        let mut data = serde_json::json!({
             "job_id": job_id,
             "seq": seq,
             "pts_ms": result.pts_ms,
             "prompt_version": result.prompt_version,
             "prompt_scope": result.prompt_scope,
             "model": result.model,
-            "output": output,
+            "output": result.output.as_ref().ok(),
             "error": error,
             "batch_size": result.batch_size,
             "created_at": created_at,
             "latency_ms": result.latency,
         });
+        if let Some(answers) = answers {
+            // As the results API shows it: present only when the frame was asked questions.
+            data["alerts"] = serde_json::to_value(answers).expect("alert answers serialise");
+        }
         self.queue_webhooks(
             &mut tx,
             job_id,
             webhook.as_deref(),
             crate::webhook::EventKind::Result,
+            "result",
             data,
             created_at,
         )
         .await?;
+        let moved = self
+            .alerts_answered(&mut tx, job_id, webhook.as_deref(), seq, result, alerts)
+            .await?;
         if self.dialect == Dialect::Postgres {
             // Other replicas' result streams hear of it when (and only if) it commits, in
             // the same transaction rather than one more per result.
@@ -101,6 +122,9 @@ impl Store {
                 .await?;
         }
         tx.commit().await?;
+        if let Some(moved) = moved {
+            *alerts = moved;
+        }
         self.changed_here(job_id);
         Ok(Appended::New(seq))
     }
@@ -127,7 +151,7 @@ impl Store {
             return Ok(page);
         }
         let rows = sqlx::query(limited(
-            "SELECT seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at \
+            "SELECT seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, output_format, alerts \
              FROM results WHERE job_id = $1 AND seq > $2 ORDER BY seq",
             limit,
         ))
@@ -138,13 +162,24 @@ impl Store {
         rows.iter()
             .map(|r| {
                 let latency: String = r.try_get(8)?;
+                let format: Option<String> = r.try_get(10)?;
+                let alerts: Option<String> = r.try_get(11)?;
+                let output: Option<String> = r.try_get(5)?;
                 let record = Arc::new(ResultRecord {
                     seq: r.try_get(0)?,
                     pts_ms: r.try_get(1)?,
                     prompt_scope: r.try_get(2)?,
                     prompt_version: r.try_get(3)?,
                     model: r.try_get(4)?,
-                    output: r.try_get(5)?,
+                    output: output
+                        .map(|o| Output::from_stored(o, format.as_deref()))
+                        .transpose()
+                        .map_err(StoreError::Corrupt)?,
+                    alerts: alerts
+                        .map(|a| serde_json::from_str(&a))
+                        .transpose()
+                        .map_err(|e| StoreError::Corrupt(format!("alert answers: {e}")))?
+                        .unwrap_or_default(),
                     error: r.try_get(6)?,
                     batch_size: r.try_get(7)?,
                     latency: serde_json::from_str(&latency)

@@ -22,6 +22,10 @@ use crate::media::{Frame, FrameSpec};
 pub struct InferRequest {
     pub frame: Arc<Frame>,
     pub prompt: String,
+    /// A JSON Schema the answer must satisfy (the prompt version's `response_format`): a
+    /// backend that can constrain its output to it says so to the model; every answer is
+    /// checked against it after the backend returns, whatever the backend did.
+    pub response_format: Option<Arc<serde_json::Value>>,
     /// Cancelled when the frame's job stops (cancelled, its lease lost, shutdown): a backend
     /// does not send a frame whose job has stopped while it waited for its turn.
     pub stop: CancellationToken,

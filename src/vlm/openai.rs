@@ -1,6 +1,7 @@
 //! Backend `openai`: any OpenAI-compatible chat-completions server (vLLM, Ollama, llama.cpp
 //! server, OpenAI). One request per frame: the prompt as text and the frame as a JPEG
-//! data-URI `image_url`. Frames arrive already encoded, at most FRAME_MAX_SIDE on their
+//! data-URI `image_url`; a prompt's `response_format` goes as OpenAI's `json_schema`
+//! response format. Frames arrive already encoded, at most FRAME_MAX_SIDE on their
 //! longest side (the pipeline shaped them in its decode thread); here they are only
 //! base64-encoded. Timeouts, 429 and 5xx are retried with backoff honouring
 //! Retry-After; other failures become that frame's error.
@@ -100,7 +101,7 @@ impl OpenAiBackend {
             base64::engine::general_purpose::STANDARD.encode(&jpeg)
         );
         let preprocess_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let body = json!({
+        let mut body = json!({
             "model": model,
             "messages": [{
                 "role": "user",
@@ -112,6 +113,14 @@ impl OpenAiBackend {
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
         });
+        if let Some(schema) = &request.response_format {
+            // Structured outputs as OpenAI defines them; vLLM and Ollama's OpenAI-compatible
+            // endpoints take the same field.
+            body["response_format"] = json!({
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": schema},
+            });
+        }
         let Ok(_permit) = self.permits.acquire().await else {
             return failed("backend is shutting down".into(), preprocess_ms, 0.0);
         };

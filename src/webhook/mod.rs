@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::domain::Invalid;
 
-/// Kinds of events a webhook may subscribe to (alerts will join them).
+/// Kinds of events a webhook may subscribe to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
@@ -26,15 +26,19 @@ pub enum EventKind {
     Result,
     /// A job's status changed: `data` is `{job_id, status, error, results_count}`.
     Status,
+    /// One of the job's alerts started or ended: messages of type `alert.started` and
+    /// `alert.ended`, `data` as `GET /api/v1/inference/alerts/{job_id}` lists it.
+    Alert,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 2] = [EventKind::Result, EventKind::Status];
+    pub const ALL: [EventKind; 3] = [EventKind::Result, EventKind::Status, EventKind::Alert];
 
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Result => "result",
             EventKind::Status => "status",
+            EventKind::Alert => "alert",
         }
     }
 
@@ -52,7 +56,7 @@ impl EventKind {
             let kind = Self::parse(item).ok_or_else(|| {
                 Invalid::new(
                     param,
-                    format!("unknown event {item:?}; events are result and status"),
+                    format!("unknown event {item:?}; events are result, status and alert"),
                 )
             })?;
             if !kinds.contains(&kind) {
@@ -62,7 +66,7 @@ impl EventKind {
         if kinds.is_empty() {
             return Err(Invalid::new(
                 param,
-                "name at least one event: result, status",
+                "name at least one event: result, status, alert",
             ));
         }
         Ok(kinds)
@@ -226,7 +230,7 @@ mod tests {
             EventKind::parse_list("events", ["status", "result", "status"]).unwrap(),
             vec![EventKind::Status, EventKind::Result]
         );
-        assert!(EventKind::parse_list("events", ["alert"]).is_err());
+        assert!(EventKind::parse_list("events", ["alerts"]).is_err());
         assert!(EventKind::parse_list("events", []).is_err());
         assert!(Webhook::check_url("url", "ftp://x/y").is_err());
         assert!(Webhook::check_url("url", "https://example.com/hook").is_ok());

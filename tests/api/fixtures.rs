@@ -87,6 +87,53 @@ pub fn make_hls_as(
     segment_s: f64,
     pix_fmt: &str,
 ) -> PathBuf {
+    make_hls_lit(
+        dir,
+        name,
+        seconds,
+        (width, height),
+        container,
+        segment_s,
+        pix_fmt,
+        &format!("16+T*{LUMA_PER_SECOND}"),
+    )
+}
+
+/// A 160x90 MPEG-TS VOD (1 s segments) whose luma follows `schedule`: `(until_s, luma)`
+/// steps, the last one lasting to the end.
+pub fn make_hls_schedule(dir: &Path, name: &str, seconds: f64, schedule: &[(f64, u8)]) -> PathBuf {
+    let (_, last) = schedule.last().expect("a schedule");
+    let lum = schedule
+        .iter()
+        .rev()
+        .skip(1)
+        .fold(last.to_string(), |rest, (until, luma)| {
+            format!("if(lt(T,{until}),{luma},{rest})")
+        });
+    make_hls_lit(
+        dir,
+        name,
+        seconds,
+        (160, 90),
+        Container::Ts,
+        1.0,
+        "yuv420p",
+        &lum,
+    )
+}
+
+/// [`make_hls_as`] with luma given as an ffmpeg `geq` expression of `T` (seconds).
+#[allow(clippy::too_many_arguments)]
+fn make_hls_lit(
+    dir: &Path,
+    name: &str,
+    seconds: f64,
+    (width, height): (u32, u32),
+    container: Container,
+    segment_s: f64,
+    pix_fmt: &str,
+    lum: &str,
+) -> PathBuf {
     let out = dir.join(name);
     std::fs::create_dir_all(&out).unwrap();
     let range = if pix_fmt.starts_with("yuvj") {
@@ -95,7 +142,7 @@ pub fn make_hls_as(
         "tv"
     };
     let filter = format!(
-        "color=c=black:s={width}x{height}:r=30:d={seconds},geq=lum='16+T*{LUMA_PER_SECOND}':cb=128:cr=128,\
+        "color=c=black:s={width}x{height}:r=30:d={seconds},geq=lum='{lum}':cb=128:cr=128,\
          format=yuv444p,scale=out_range={range},format={pix_fmt}"
     );
     let mut cmd = Command::new("ffmpeg");
@@ -313,6 +360,8 @@ pub struct Asked {
     pub height: u32,
     /// The JPEG as it arrived.
     pub jpeg: Vec<u8>,
+    /// The request's `response_format`, if any.
+    pub response_format: Option<Value>,
 }
 
 #[derive(Default)]
@@ -325,8 +374,13 @@ struct ModelState {
     delay: Mutex<Duration>,
 }
 
+/// How the service words an alert question (the question, then this).
+pub const YES_NO: &str = "\nAnswer with one word: yes or no.";
+
 /// An OpenAI-compatible chat-completions server that answers with what it saw:
-/// `{"prompt": ..., "brightness": ...}` as the message content.
+/// `{"prompt": ..., "brightness": ...}` as the message content; an alert question (one
+/// ending in [`YES_NO`]) about brightness gets `Yes.` or `No` from the picture, any other
+/// `I cannot tell`.
 #[derive(Clone)]
 pub struct ModelServer {
     pub base: String,
@@ -413,8 +467,17 @@ async fn complete(State(state): State<Arc<ModelState>>, Json(body): Json<Value>)
         width: img.width(),
         height: img.height(),
         jpeg: jpeg.clone(),
+        response_format: body.get("response_format").cloned(),
     });
-    let answer = json!({"prompt": prompt, "brightness": brightness}).to_string();
+    let answer = match prompt.strip_suffix(YES_NO) {
+        // An alert question: answered from the picture when it asks about brightness, and
+        // with something neither yes nor no otherwise.
+        Some(question) if question.contains("bright") => {
+            if brightness > 128.0 { "Yes." } else { "No" }.to_owned()
+        }
+        Some(_) => "I cannot tell".to_owned(),
+        None => json!({"prompt": prompt, "brightness": brightness}).to_string(),
+    };
     Json(json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]}))
         .into_response()
 }

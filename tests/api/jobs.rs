@@ -5,6 +5,8 @@ use serde_json::json;
 
 use crate::db_tests;
 use crate::helpers::{assert_error, Db, TestApp};
+use free_roam::answers::alerts::AlertTracker;
+use free_roam::answers::Output;
 use free_roam::store::{Appended, Lease, NewResult};
 
 db_tests!(
@@ -284,18 +286,26 @@ async fn results_poll_never_misses_or_repeats(db: Db) {
                 output: if n % 5 == 4 {
                     Err("model refused".into())
                 } else {
-                    Ok(format!("answer {n}"))
+                    Ok(Output::Text(format!("answer {n}")))
                 },
                 batch_size: 7,
                 latency: json!({"queue": 1.0, "inference": 2.0, "total": 3.0}),
+                alerts: None,
             };
+            let mut alerts = AlertTracker::default();
             assert_eq!(
-                store.append_result(&id, &lease, &result).await.unwrap(),
+                store
+                    .append_result(&id, &lease, &result, &mut alerts)
+                    .await
+                    .unwrap(),
                 Appended::New(n),
                 "seq is contiguous from 0"
             );
             assert_eq!(
-                store.append_result(&id, &lease, &result).await.unwrap(),
+                store
+                    .append_result(&id, &lease, &result, &mut alerts)
+                    .await
+                    .unwrap(),
                 Appended::Duplicate,
                 "the same source position is stored once"
             );

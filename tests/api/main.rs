@@ -4,6 +4,7 @@
 mod fixtures;
 mod helpers;
 
+mod alerts;
 mod deploy;
 mod errors;
 mod frames;

@@ -16,9 +16,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_free-roam");
 const TTL_SECS: u64 = 3;
 const LONG: Duration = Duration::from_secs(90);
 
-struct Replica {
+pub(crate) struct Replica {
     name: String,
-    base: String,
+    pub(crate) base: String,
     child: Child,
 }
 
@@ -47,6 +47,18 @@ impl Replica {
         per_replica: usize,
         dir: &std::path::Path,
     ) -> Self {
+        Self::start_env(name, database_url, model, per_replica, dir, &[]).await
+    }
+
+    /// [`Replica::start_in`] with more settings.
+    pub(crate) async fn start_env(
+        name: &str,
+        database_url: &str,
+        model: &ModelServer,
+        per_replica: usize,
+        dir: &std::path::Path,
+        extra: &[(&str, &str)],
+    ) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -73,6 +85,9 @@ impl Replica {
         for (k, v) in model.env() {
             cmd.env(k, v);
         }
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
         let replica = Self {
             name: name.to_owned(),
             base: format!("http://127.0.0.1:{port}"),
@@ -94,7 +109,7 @@ impl Replica {
         panic!("replica {name} never answered /health/live");
     }
 
-    fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .args([sig, &self.child.id().to_string()])
             .status()
@@ -104,7 +119,7 @@ impl Replica {
     }
 
     /// Waits for the process to end; its exit status.
-    async fn exited(&mut self, within: Duration) -> std::process::ExitStatus {
+    pub(crate) async fn exited(&mut self, within: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + within;
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -123,7 +138,7 @@ impl Drop for Replica {
     }
 }
 
-async fn get(base: &str, path: &str) -> Value {
+pub(crate) async fn get(base: &str, path: &str) -> Value {
     let r = reqwest::get(format!("{base}{path}")).await.unwrap();
     assert_eq!(r.status(), StatusCode::OK, "GET {path}");
     r.json().await.unwrap()
@@ -143,7 +158,7 @@ async fn start_job(base: &str, stream_ref: &str) -> String {
         .to_owned()
 }
 
-async fn all_results(base: &str, id: &str) -> Vec<Value> {
+pub(crate) async fn all_results(base: &str, id: &str) -> Vec<Value> {
     let mut out = Vec::new();
     let mut after: Option<i64> = None;
     loop {
@@ -161,7 +176,7 @@ async fn all_results(base: &str, id: &str) -> Vec<Value> {
     }
 }
 
-async fn wait_all(base: &str, ids: &[String], within: Duration) -> Vec<Value> {
+pub(crate) async fn wait_all(base: &str, ids: &[String], within: Duration) -> Vec<Value> {
     let deadline = Instant::now() + within;
     loop {
         let mut statuses = Vec::new();

@@ -13,10 +13,10 @@ use serde_json::{json, Value};
 use crate::fixtures::{make_hls, Container, ModelServer, Origin};
 use crate::helpers::{assert_error, pairs, Db, TestApp};
 
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub(crate) const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// The receiver process.
-struct Receiver {
+pub(crate) struct Receiver {
     child: Child,
     port: u16,
     log: PathBuf,
@@ -24,7 +24,7 @@ struct Receiver {
 
 impl Receiver {
     /// Starts a receiver answering `status` to every request that verifies (0: any port).
-    fn start(log: &Path, port: u16, status: u16) -> Self {
+    pub(crate) fn start(log: &Path, port: u16, status: u16) -> Self {
         Self::start_with(log, port, status, None)
     }
 
@@ -63,12 +63,12 @@ impl Receiver {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}/hooks/free-roam", self.port)
     }
 
     /// Everything received so far, in arrival order.
-    fn records(&self) -> Vec<Value> {
+    pub(crate) fn records(&self) -> Vec<Value> {
         records(&self.log)
     }
 
@@ -108,7 +108,7 @@ fn summary(records: &[Value]) -> Vec<String> {
         .collect()
 }
 
-async fn until(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
+pub(crate) async fn until(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -432,7 +432,7 @@ async fn bad_webhooks_are_refused_naming_the_field() {
         .post(
             "/api/v1/inference/start",
             json!({"stream_ref": "https://example.com/a.m3u8",
-            "webhook": {"url": "https://example.com/x", "secret": SECRET, "events": ["alert"]}}),
+            "webhook": {"url": "https://example.com/x", "secret": SECRET, "events": ["alerts"]}}),
         )
         .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);

@@ -300,6 +300,7 @@ impl Backend for CandleBackend {
                 vec![InferRequest {
                     frame,
                     prompt: "warmup".into(),
+                    response_format: None,
                     stop: tokio_util::sync::CancellationToken::new(),
                 }],
             )
