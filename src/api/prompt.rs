@@ -9,7 +9,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::{ApiError, ErrorBody, Json, Query};
 use super::AppState;
 use crate::answers::structured::ResponseFormat;
-use crate::domain::{Invalid, JobId, PromptText};
+use crate::domain::{JobId, PromptText};
 use crate::store::{PromptScope, PromptVersion};
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -151,11 +151,7 @@ pub async fn history(
     State(state): State<AppState>,
     Query(q): Query<PromptQuery>,
 ) -> Result<Json<PromptHistory>, ApiError> {
-    let limit = match q.limit {
-        None => 10,
-        Some(n) if (1..=1000).contains(&n) => n,
-        Some(_) => return Err(Invalid::new("limit", "limit must be from 1 to 1000").into()),
-    };
+    let limit = super::inference::limit(q.limit, 10)?;
     let scope = scope(&state, q.job_id.as_deref()).await?;
     let (versions, total) = state.store.prompt_history(&scope, limit).await?;
     Ok(Json(PromptHistory {

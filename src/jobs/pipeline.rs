@@ -513,17 +513,22 @@ impl Writer {
                         latency: json!(done.latency),
                         alerts: done.alerts,
                     };
-                    let before = alerts.clone();
+                    // Kept to publish the events this result fires (RESULTS_STREAM only).
+                    let before = self
+                        .publish
+                        .as_ref()
+                        .and(result.alerts.as_ref())
+                        .map(|_| alerts.clone());
                     match self.store_result(&result, &mut alerts).await {
                         Some(Appended::New(seq)) => {
                             if let Some(stream) = &self.publish {
                                 // The events the store logged with this result: the same
                                 // transition again, from the state before it.
-                                let events = match &result.alerts {
-                                    Some((set, answers)) => {
-                                        before.clone().apply(seq, pts_ms, &set.rules, answers)
+                                let events = match (before, &result.alerts) {
+                                    (Some(mut before), Some((set, answers))) => {
+                                        before.apply(seq, pts_ms, &set.rules, answers)
                                     }
-                                    None => Vec::new(),
+                                    _ => Vec::new(),
                                 };
                                 if !stream
                                     .publish(self.job_id.as_str(), seq, &result, &events)

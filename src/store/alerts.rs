@@ -52,11 +52,7 @@ impl Store {
         .bind(&key)
         .fetch_all(&self.pool)
         .await?;
-        let total: i64 = sqlx::query("SELECT COUNT(*) FROM alert_versions WHERE scope_key = $1")
-            .bind(&key)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
+        let total = self.count_versions("alert_versions", &key).await?;
         let versions = rows
             .iter()
             .map(|r| alert_set_from_row(r, scope.clone(), 0))

@@ -58,11 +58,7 @@ impl Store {
         .bind(&key)
         .fetch_all(&self.pool)
         .await?;
-        let total: i64 = sqlx::query("SELECT COUNT(*) FROM prompt_versions WHERE scope_key = $1")
-            .bind(&key)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
+        let total = self.count_versions("prompt_versions", &key).await?;
         let versions = rows
             .iter()
             .map(|r| {
@@ -111,6 +107,21 @@ impl Store {
             })
         })
         .transpose()
+    }
+
+    /// How many versions the scope `key` holds in `table` (`prompt_versions` or
+    /// `alert_versions`).
+    pub(super) async fn count_versions(
+        &self,
+        table: &'static str,
+        key: &str,
+    ) -> Result<i64, StoreError> {
+        let sql = format!("SELECT COUNT(*) FROM {table} WHERE scope_key = $1");
+        Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(key)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?)
     }
 
     /// Writes global version 1 from DEFAULT_PROMPT if the global scope is empty.

@@ -211,11 +211,7 @@ async fn alerts_fire_once_per_change_of_the_picture_on_every_channel() {
     }
 
     // And to the Redis result stream, after the result that fired each.
-    let mut c = redis::Client::open("redis://127.0.0.1:6379")
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .expect("Redis on 127.0.0.1:6379 (scripts/test starts one)");
+    let mut c = crate::fixtures::local_redis().await;
     let entries: redis::streams::StreamRangeReply = c.xrange_all(&key).await.unwrap();
     let field = |e: &redis::streams::StreamId, k: &str| e.get::<String>(k).unwrap_or_default();
     let kinds: Vec<String> = entries.ids.iter().map(|e| field(e, "type")).collect();

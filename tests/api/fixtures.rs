@@ -521,3 +521,12 @@ pub async fn live_origin(
     origin.route("live/live.m3u8", Route::Live(live));
     origin
 }
+
+/// A connection to the Redis the tests use (127.0.0.1:6379; scripts/test starts one).
+pub async fn local_redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis on 127.0.0.1:6379 (scripts/test starts one)")
+}

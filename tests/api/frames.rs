@@ -128,11 +128,7 @@ fn png_at(t_ms: i64, width: u32, height: u32) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_jpegs_that_fit_go_as_they_came_and_the_rest_are_shaped() {
     let key = format!("test:frames:{}", uuid::Uuid::new_v4().simple());
-    let mut c = redis::Client::open("redis://127.0.0.1:6379")
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .expect("Redis on 127.0.0.1:6379 (scripts/test starts one)");
+    let mut c = crate::fixtures::local_redis().await;
     let small = jpeg_at(0, 64, 48);
     let entries: [(i64, Vec<u8>); 3] = [
         (0, small.clone()),

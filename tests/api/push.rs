@@ -217,11 +217,7 @@ async fn results_are_published_to_the_redis_results_stream() {
         .await;
     assert_eq!(status["status"], "completed", "{status}");
     assert_eq!(status["stats"]["results_stream_failures"], 0);
-    let mut c = redis::Client::open("redis://127.0.0.1:6379")
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .expect("Redis on 127.0.0.1:6379 (scripts/test starts one)");
+    let mut c = crate::fixtures::local_redis().await;
     let entries: redis::streams::StreamRangeReply = c.xrange_all(&key).await.unwrap();
     let field = |e: &redis::streams::StreamId, k: &str| -> String {
         e.get::<String>(k)

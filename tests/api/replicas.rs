@@ -430,11 +430,7 @@ async fn one_process_on_sqlite_killed_and_restarted_answers_each_frame_once() {
 async fn a_redis_job_moves_with_its_pending_entries_answered_once() {
     use redis::AsyncCommands;
     let s = setup(1.0, Duration::from_millis(100)).await;
-    let mut c = redis::Client::open("redis://127.0.0.1:6379")
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .expect("Redis on 127.0.0.1:6379 (scripts/test starts one)");
+    let mut c = crate::fixtures::local_redis().await;
     let key = format!("test:replicas:{}", uuid::Uuid::new_v4().simple());
     const N: i64 = 30;
     for i in 0..N {
