@@ -5,10 +5,13 @@
 //! It decodes no more than sampling needs: whole GOPs that hold no sample target are never
 //! sent to the decoder, a GOP stops being fed once its remaining frames are not wanted (for a
 //! segment's last GOP: once the next target lies past its latest frame), non-reference frames
-//! are skipped when the sampling interval is several frames long, and only keyframes are
-//! decoded when the interval is at least the keyframe interval. One [`SegmentDecoder`] per job
-//! keeps the opened decoder and the frame shaper from segment to segment.
+//! are skipped when the sampling interval is several frames long, all B-frames too when it is
+//! longer still and the stream's P-frames are found not to reference them, and only keyframes
+//! are decoded when the interval is at least the keyframe interval. One [`SegmentDecoder`] per
+//! job keeps the opened decoder and the frame shaper from segment to segment.
 
+use std::collections::HashMap;
+use std::hash::Hasher;
 use std::io::Cursor;
 use std::sync::Once;
 use std::time::{Duration, Instant};
@@ -100,7 +103,27 @@ pub struct SegmentDecoder {
     limits: DecodeLimits,
     open: Option<OpenDecoder>,
     sink: Sink,
+    b_frames: BFrames,
+    /// Segments decoded since B-frames were last checked.
+    since_check: u32,
 }
+
+/// Whether a stream's B-frames can be left undecoded when no sample needs them. Reference
+/// B-frames (x264's b-pyramid) are skipped only when its P-frames are found not to use them:
+/// a segment is decoded both ways and every frame compared bit for bit. Checked again after a
+/// new decoder is opened and every [`B_FRAMES_RECHECK`] segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BFrames {
+    Unchecked,
+    Skippable,
+    Needed,
+}
+
+/// Segments between two checks of whether B-frames are needed.
+const B_FRAMES_RECHECK: u32 = 30;
+/// Frames per sampling interval from which B-frames are left out when they can be: a sample
+/// then lands at most a few frames after its target, a small part of the interval.
+const B_FRAMES_SKIP_INTERVAL: f64 = 8.0;
 
 struct OpenDecoder {
     decoder: ffmpeg::decoder::Video,
@@ -152,6 +175,8 @@ impl SegmentDecoder {
             sink: Sink::new(limits.max_frame_pixels, spec),
             limits,
             open: None,
+            b_frames: BFrames::Unchecked,
+            since_check: 0,
         }
     }
 
@@ -267,6 +292,20 @@ impl SegmentDecoder {
         {
             self.open = None;
         }
+        if self.open.is_none() || self.since_check >= B_FRAMES_RECHECK {
+            self.b_frames = BFrames::Unchecked;
+        }
+        let frames_per_sample = frame_ms.map_or(0.0, |f| sampler.interval_ms() / f);
+        let skip_b = !keyframes_only && frames_per_sample >= B_FRAMES_SKIP_INTERVAL;
+        if skip_b && self.b_frames == BFrames::Unchecked {
+            self.b_frames = if b_frames_unreferenced(&packets, &parameters, limits) {
+                BFrames::Skippable
+            } else {
+                BFrames::Needed
+            };
+            self.since_check = 0;
+        }
+        self.since_check += 1;
         let open = match self.open.take() {
             Some(open) => open,
             None => OpenDecoder {
@@ -277,7 +316,9 @@ impl SegmentDecoder {
         let decoder = &mut self.open.insert(open).decoder;
         decoder.skip_frame(if keyframes_only {
             Discard::NonKey
-        } else if frame_ms.is_some_and(|f| sampler.interval_ms() >= 3.0 * f) {
+        } else if skip_b && self.b_frames == BFrames::Skippable {
+            Discard::Bidirectional
+        } else if frames_per_sample >= 3.0 {
             Discard::NonReference
         } else {
             Discard::Default
@@ -350,6 +391,71 @@ fn open_decoder(
         unsafe { (*decoder.as_mut_ptr()).skip_loop_filter = ffmpeg::ffi::AVDiscard::AVDISCARD_ALL };
     }
     Ok(decoder)
+}
+
+/// Decodes `packets` twice, B-frames left out and kept (non-reference frames left out both
+/// times), and says whether every frame the first gives is, bit for bit, the frame the second
+/// gives at the same time: the P-frames do not reference B-frames, which can then be skipped.
+fn b_frames_unreferenced(
+    packets: &[Packet],
+    parameters: &codec::Parameters,
+    limits: &DecodeLimits,
+) -> bool {
+    let run = |discard: Discard| -> Option<HashMap<i64, u64>> {
+        let mut decoder = open_decoder(parameters.clone(), limits).ok()?;
+        decoder.skip_frame(discard);
+        let mut frames = HashMap::new();
+        let mut frame = frame::Video::empty();
+        let mut take = |decoder: &mut ffmpeg::decoder::Video, frames: &mut HashMap<i64, u64>| {
+            while decoder.receive_frame(&mut frame).is_ok() {
+                if let Some(t) = frame.timestamp().or(frame.pts()) {
+                    frames.insert(t, picture_hash(&frame));
+                }
+            }
+        };
+        for packet in packets {
+            if decoder.send_packet(packet).is_ok() {
+                take(&mut decoder, &mut frames);
+            }
+        }
+        if decoder.send_eof().is_ok() {
+            take(&mut decoder, &mut frames);
+        }
+        Some(frames)
+    };
+    let (Some(without), Some(with)) = (run(Discard::Bidirectional), run(Discard::NonReference))
+    else {
+        return false;
+    };
+    !without.is_empty() && without.iter().all(|(t, h)| with.get(t) == Some(h))
+}
+
+/// A hash of a decoded picture's visible samples (row padding left out).
+fn picture_hash(frame: &frame::Video) -> u64 {
+    let mut hash = std::hash::DefaultHasher::new();
+    for plane in 0..frame.planes() {
+        // SAFETY: a pure function of the pixel format, the width and the plane index.
+        let line = unsafe {
+            ffmpeg::ffi::av_image_get_linesize(
+                frame.format().into(),
+                frame.width() as i32,
+                plane as i32,
+            )
+        };
+        let (Ok(line), stride, data) = (
+            usize::try_from(line),
+            frame.stride(plane),
+            frame.data(plane),
+        ) else {
+            continue;
+        };
+        for row in 0..frame.plane_height(plane) as usize {
+            if let Some(bytes) = data.get(row * stride..row * stride + line) {
+                hash.write(bytes);
+            }
+        }
+    }
+    hash.finish()
 }
 
 /// The next target is at or after the next keyframe: nothing more of this GOP is wanted.
@@ -429,5 +535,67 @@ impl Sink {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 2 s clip made by the ffmpeg CLI with `codec`, as its video packets and parameters.
+    fn clip(codec: &[&str]) -> (Vec<Packet>, codec::Parameters) {
+        init();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clip.ts");
+        let status = std::process::Command::new("ffmpeg")
+            .args([
+                "-v",
+                "error",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+                "testsrc2=s=320x180:r=30:d=2",
+            ])
+            .args(codec)
+            .args(["-f", "mpegts"])
+            .arg(&path)
+            .status()
+            .expect("the ffmpeg CLI is installed");
+        assert!(status.success());
+        let mut input = format::input(&path).unwrap();
+        let stream = input.streams().best(media::Type::Video).unwrap();
+        let (index, parameters) = (stream.index(), stream.parameters());
+        let packets = input
+            .packets()
+            .filter(|(s, _)| s.index() == index)
+            .map(|(_, p)| p)
+            .collect();
+        (packets, parameters)
+    }
+
+    fn limits() -> DecodeLimits {
+        DecodeLimits {
+            max_frame_pixels: 1 << 30,
+            deadline: Duration::from_secs(30),
+            fast: false,
+        }
+    }
+
+    #[test]
+    fn b_frames_are_left_out_only_where_p_frames_do_not_use_them() {
+        // x264's b-pyramid: reference B-frames serve only other B-frames.
+        let (packets, parameters) = clip(&["-c:v", "libx264", "-preset", "veryfast", "-bf", "3"]);
+        assert!(b_frames_unreferenced(&packets, &parameters, &limits()));
+        // x265's P-frames do reference B-frames: leaving them out would change the pictures.
+        let (packets, parameters) = clip(&[
+            "-c:v",
+            "libx265",
+            "-preset",
+            "veryfast",
+            "-x265-params",
+            "log-level=error",
+        ]);
+        assert!(!b_frames_unreferenced(&packets, &parameters, &limits()));
     }
 }
