@@ -86,6 +86,10 @@ impl HlsSource {
         stats: Arc<Stats>,
         cancel: CancellationToken,
     ) -> Result<(), HlsError> {
+        // RFC 8216 §6.3.4 times reloads from when the last load *began*: fetching and handing
+        // on segments in between must not push the next reload later (that drifted reloads
+        // behind the live edge until one found two new segments at once).
+        let mut load_began = tokio::time::Instant::now();
         let (media_url, mut playlist) = match self.load(&self.url, &cancel).await? {
             Playlist::Media(m) => (self.url.clone(), m),
             Playlist::Master(variants) => {
@@ -93,6 +97,7 @@ impl HlsSource {
                     .ok_or(HlsError::NestedMaster)?
                     .clone();
                 tracing::info!(variant = %chosen.url, bandwidth = chosen.bandwidth, height = ?chosen.height, "chose HLS variant");
+                load_began = tokio::time::Instant::now();
                 match self.load(&chosen.url, &cancel).await? {
                     Playlist::Media(m) => (chosen.url, m),
                     Playlist::Master(_) => return Err(HlsError::NestedMaster),
@@ -159,7 +164,7 @@ impl HlsSource {
                 return Ok(());
             }
             // RFC 8216 §6.3.4 reload timing; stall and vanish detection.
-            let mut wait = Duration::from_millis(playlist.target_duration_ms as u64);
+            let mut due = load_began + Duration::from_millis(playlist.target_duration_ms as u64);
             let stall_limit = Duration::from_millis(
                 (playlist.target_duration_ms * f64::from(self.limits.stall_target_durations))
                     as u64,
@@ -168,8 +173,10 @@ impl HlsSource {
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(wait) => {}
+                    _ = tokio::time::sleep_until(due) => {}
                 }
+                load_began = tokio::time::Instant::now();
+                let half = Duration::from_millis((playlist.target_duration_ms / 2.0) as u64);
                 match self.load(&media_url, &cancel).await {
                     Ok(Playlist::Media(m)) => {
                         if m.last_seq() != playlist.last_seq() || m.ended != playlist.ended {
@@ -181,7 +188,7 @@ impl HlsSource {
                         if last_change.elapsed() > stall_limit {
                             return Err(HlsError::Stalled(last_change.elapsed().as_secs_f64()));
                         }
-                        wait = Duration::from_millis((playlist.target_duration_ms / 2.0) as u64);
+                        due = load_began + half;
                     }
                     Ok(Playlist::Master(_)) => return Err(HlsError::NestedMaster),
                     Err(HlsError::Fetch(FetchError::Cancelled)) => return Ok(()),
@@ -196,7 +203,7 @@ impl HlsSource {
                                 last_error: since.1.clone(),
                             });
                         }
-                        wait = Duration::from_millis((playlist.target_duration_ms / 2.0) as u64);
+                        due = load_began + half;
                     }
                 }
             }
