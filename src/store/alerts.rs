@@ -27,7 +27,7 @@ impl Store {
             .bind(&key)
             .bind(&text)
             .bind(now_secs())
-            .execute(&self.pool)
+            .execute(&self.writer)
         })
         .await?;
         self.alert_history(scope, 1)

@@ -282,7 +282,7 @@ impl Store {
         .bind(progress.map(Value::to_string))
         .bind(lease.owner.as_ref())
         .bind(lease.token)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?
         .rows_affected();
         if n == 0 {

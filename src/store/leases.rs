@@ -103,7 +103,7 @@ impl Store {
         )
         .bind(owner)
         .bind(now_secs() + ttl.as_secs_f64())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -132,7 +132,7 @@ impl Store {
         .bind(job_id)
         .bind(lease.owner.as_ref())
         .bind(lease.token)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }

@@ -280,6 +280,11 @@ pub struct Saved<'a> {
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Where writes go. PostgreSQL: the same pool. SQLite: a pool of one connection, so the
+    /// process's writers queue for it in order instead of meeting SQLite's write lock, whose
+    /// busy handler makes a blocked writer sleep and retry (up to 100 ms a time, unfairly):
+    /// with dozens of live jobs writing, that left some results seconds behind.
+    writer: AnyPool,
     dialect: Dialect,
     /// Serialises job admission within one process; PostgreSQL also takes an advisory lock so
     /// replicas sharing a database agree on MAX_CONCURRENT_STREAMS.
@@ -320,27 +325,36 @@ impl Store {
             Dialect::Postgres
         };
         let sqlite = dialect == Dialect::Sqlite;
-        let pool = AnyPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(std::time::Duration::from_secs(5))
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    if sqlite {
-                        // Write-ahead logging: readers never wait for the writer, and a commit
-                        // is one append. NORMAL syncs at checkpoints: a process crash (kill -9)
-                        // loses nothing committed; only a power loss may lose the newest
-                        // commits, never consistency. SQLite's defaults (a rollback journal,
-                        // FULL) cost several fsyncs per commit.
-                        sqlx::Executor::execute(&mut *conn, "PRAGMA journal_mode = WAL").await?;
-                        sqlx::Executor::execute(&mut *conn, "PRAGMA synchronous = NORMAL").await?;
-                    }
-                    Ok(())
+        let options = |connections: u32, wait_secs: u64| {
+            AnyPoolOptions::new()
+                .max_connections(connections)
+                .acquire_timeout(std::time::Duration::from_secs(wait_secs))
+                .after_connect(move |conn, _| {
+                    Box::pin(async move {
+                        if sqlite {
+                            // Write-ahead logging: readers never wait for the writer, and a commit
+                            // is one append. NORMAL syncs at checkpoints: a process crash (kill -9)
+                            // loses nothing committed; only a power loss may lose the newest
+                            // commits, never consistency. SQLite's defaults (a rollback journal,
+                            // FULL) cost several fsyncs per commit.
+                            sqlx::Executor::execute(&mut *conn, "PRAGMA journal_mode = WAL")
+                                .await?;
+                            sqlx::Executor::execute(&mut *conn, "PRAGMA synchronous = NORMAL")
+                                .await?;
+                        }
+                        Ok(())
+                    })
                 })
-            })
-            .connect(url)
-            .await?;
+        };
+        let pool = options(max_connections, 5).connect(url).await?;
+        let writer = if sqlite && file_lock.is_some() {
+            options(1, 30).connect(url).await?
+        } else {
+            pool.clone()
+        };
         Ok(Self {
             pool,
+            writer,
             dialect,
             admission: Default::default(),
             results_cache: Arc::new(ResultCache::with_weighter(
@@ -453,11 +467,12 @@ impl Store {
         match self.dialect {
             // IMMEDIATE takes the write lock up front, so a read-then-write transaction waits
             // for other writers instead of failing with "database is locked".
-            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Dialect::Postgres => self.pool.begin().await,
+            Dialect::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await,
+            Dialect::Postgres => self.writer.begin().await,
         }
     }
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 }

@@ -26,7 +26,7 @@ impl Store {
             .bind(prompt)
             .bind(response_format)
             .bind(now_secs())
-            .execute(&self.pool)
+            .execute(&self.writer)
         })
         .await?;
         self.current_prompt(scope)
@@ -132,7 +132,7 @@ impl Store {
         )
         .bind(default_prompt)
         .bind(now_secs())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await;
         match inserted {
             Ok(_) => Ok(()),

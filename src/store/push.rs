@@ -359,7 +359,7 @@ impl Store {
         .bind(owner)
         .bind(until)
         .bind(now_secs())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?
         .rows_affected();
         Ok(n == 1)
@@ -375,7 +375,7 @@ impl Store {
         .bind(id)
         .bind(now)
         .bind(i64::from(status))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -400,7 +400,7 @@ impl Store {
         .bind(error)
         .bind(if retry_at.is_some() { "pending" } else { "dead" })
         .bind(retry_at.unwrap_or(now))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -490,7 +490,7 @@ impl Store {
         )
         .bind(msg_id)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?
         .rows_affected();
         if n == 0 {
