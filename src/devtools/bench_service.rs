@@ -183,6 +183,16 @@ impl Drop for Service {
     }
 }
 
+/// The `K=V` pairs of `BENCH_SERVICE_ENV` (space-separated), passed to the service as settings.
+fn passed_settings() -> Vec<(String, String)> {
+    std::env::var("BENCH_SERVICE_ENV")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -226,6 +236,8 @@ impl Service {
             .env("MAX_CONCURRENT_STREAMS", "1000")
             .env("LOG_LEVEL", "WARNING")
             .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
+            // For A/B runs: settings given as `BENCH_SERVICE_ENV="K=V K2=V2"` reach the service.
+            .envs(passed_settings())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
