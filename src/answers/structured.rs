@@ -76,6 +76,11 @@ impl ResponseFormat {
         &self.schema
     }
 
+    /// The schema, shared (a backend sends it with every request under this version).
+    pub fn shared_schema(&self) -> Arc<Value> {
+        self.schema.clone()
+    }
+
     /// The answer as a JSON value that satisfies the schema, or why not (with the raw answer).
     pub fn check(&self, answer: &str) -> Result<Value, String> {
         let raw = || answer.chars().take(MAX_RAW_CHARS).collect::<String>();

@@ -207,7 +207,7 @@ impl Dispatch {
                     requests.push(InferRequest {
                         frame: q.item.frame.clone(),
                         prompt: a.prompt.prompt.clone(),
-                        response_format: a.format.as_ref().map(|f| Arc::new(f.schema().clone())),
+                        response_format: a.format.as_ref().map(ResponseFormat::shared_schema),
                         stop: q.item.stop.clone(),
                     });
                     for rule in a.alerts.iter().flat_map(|s| &s.rules) {
