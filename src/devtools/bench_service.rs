@@ -60,6 +60,9 @@ struct Live {
     started_epoch: f64,
     /// The first segment the service fetched.
     first_fetched: Option<u64>,
+    /// Where in the looped clip this stream's segment 0 is: streams loop (a discontinuity
+    /// each time round) at different moments, as independent cameras would.
+    offset: u64,
 }
 
 struct Origin {
@@ -70,15 +73,16 @@ struct Origin {
 
 impl Origin {
     /// Segments listed now on live stream `n` (it starts when first asked for).
-    fn live_listed(&self, n: u64) -> (u64, f64) {
+    fn live_listed(&self, n: u64) -> (u64, f64, u64) {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         let l = live.entry(n).or_insert_with(|| Live {
             started: Instant::now(),
             started_epoch: epoch(),
             first_fetched: None,
+            offset: 0,
         });
         let listed = INITIAL + (l.started.elapsed().as_secs_f64() / SEGMENT_S) as u64;
-        (listed, l.started_epoch)
+        (listed, l.started_epoch, l.offset)
     }
 
     /// When live segment `k` was first listed (epoch seconds).
@@ -109,15 +113,15 @@ async fn live_playlist(
     State(o): State<Arc<Origin>>,
     UrlPath(n): UrlPath<u64>,
 ) -> impl IntoResponse {
-    let (listed, _) = o.live_listed(n);
+    let (listed, _, offset) = o.live_listed(n);
     let first = listed.saturating_sub(WINDOW);
     let count = o.segments.len() as u64;
     let mut text = format!(
         "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:{first}\n#EXT-X-DISCONTINUITY-SEQUENCE:{}\n",
-        first / count
+        (first + offset) / count
     );
     for k in first..listed {
-        if k > first && k % count == 0 {
+        if k > first && (k + offset) % count == 0 {
             text.push_str("#EXT-X-DISCONTINUITY\n");
         }
         text.push_str(&format!("#EXTINF:{SEGMENT_S:.3},\n{k}.ts\n"));
@@ -132,10 +136,12 @@ async fn live_segment(
     let Some(k) = name.strip_suffix(".ts").and_then(|k| k.parse::<u64>().ok()) else {
         return StatusCode::NOT_FOUND.into_response();
     };
+    let mut offset = 0;
     if let Some(l) = o.live.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&n) {
         l.first_fetched.get_or_insert(k);
+        offset = l.offset;
     }
-    let b = o.segments[(k % o.segments.len() as u64) as usize].clone();
+    let b = o.segments[((k + offset) % o.segments.len() as u64) as usize].clone();
     (StatusCode::OK, b).into_response()
 }
 
@@ -470,7 +476,8 @@ async fn live_run(
         .keys()
         .max()
         .map_or(0, |m| m + 1);
-    // Independent cameras do not cut their segments in step: stream i's segment boundaries
+    // Independent cameras do not cut their segments in step, nor loop at one moment: stream
+    // i starts i/N of the way into the looped clip, and its segment boundaries
     // are offset by i/N of a segment, so the streams' segments arrive spread evenly in time.
     {
         let mut live = origin.live.lock().unwrap_or_else(|p| p.into_inner());
@@ -482,6 +489,7 @@ async fn live_run(
                     started: Instant::now() - phase,
                     started_epoch: epoch() - phase.as_secs_f64(),
                     first_fetched: None,
+                    offset: i * origin.segments.len() as u64 / streams as u64,
                 },
             );
         }
