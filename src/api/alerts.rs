@@ -148,13 +148,7 @@ pub async fn current(
 ) -> Result<Json<AlertSetView>, ApiError> {
     let set = match scope(&state, q.job_id.as_deref()).await? {
         PromptScope::Job(id) => state.store.effective_alerts(&id).await?,
-        PromptScope::Global => state
-            .store
-            .alert_history(&PromptScope::Global, 1)
-            .await?
-            .0
-            .into_iter()
-            .next(),
+        PromptScope::Global => state.store.current_alerts(&PromptScope::Global).await?,
     };
     let set = set.ok_or_else(|| ApiError::NotFound("no alert rules have been set".into()))?;
     Ok(Json(view(set)))

@@ -30,12 +30,17 @@ impl Store {
             .execute(&self.writer)
         })
         .await?;
-        self.alert_history(scope, 1)
+        self.current_alerts(scope)
             .await?
-            .0
-            .into_iter()
-            .next()
             .ok_or_else(|| StoreError::Corrupt("alert set vanished after insert".into()))
+    }
+
+    /// The newest version of `scope`'s rules, if it has any.
+    pub async fn current_alerts(
+        &self,
+        scope: &PromptScope,
+    ) -> Result<Option<AlertSetVersion>, StoreError> {
+        Ok(self.alert_history(scope, 1).await?.0.into_iter().next())
     }
 
     /// Newest first, at most `limit`, and how many versions the scope holds.
