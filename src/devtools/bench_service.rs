@@ -44,6 +44,8 @@ pub struct Options {
     pub live_seconds: u64,
     /// Skip the live runs (minutes long).
     pub no_live: bool,
+    /// Only the memory run with a model that falls behind.
+    pub memory_only: bool,
 }
 
 pub(super) fn epoch() -> f64 {
@@ -524,14 +526,21 @@ async fn live_run(
     let wall = Instant::now();
     let mut max_lag = 0i64;
     let mut rss_peak: f64 = 0.0;
+    let mut rss_seen = Vec::new();
     while wall.elapsed() < Duration::from_secs(seconds) {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        rss_peak = rss_peak.max(svc.rss_mib()?);
+        let rss = svc.rss_mib()?;
+        rss_seen.push(format!("{rss:.0}"));
+        rss_peak = rss_peak.max(rss);
         for (_, j) in &jobs {
             let s = svc.status(j).await?;
             max_lag = max_lag.max(s["stats"]["live_lag_ms"].as_i64().unwrap_or(0));
         }
     }
+    eprintln!(
+        "  resident MiB: idle {idle_rss:.0}, every 2 s: {}",
+        rss_seen.join(" ")
+    );
     let cores = (svc.cpu()? - cpu0).as_secs_f64() / wall.elapsed().as_secs_f64();
     let harness =
         (super::cpu(libc::RUSAGE_SELF) - own0).as_secs_f64() / wall.elapsed().as_secs_f64();
@@ -586,6 +595,10 @@ pub async fn bench_service(dir: &Path, opts: Options) -> anyhow::Result<String> 
     let rig = Rig::start(&dir).await?;
     let (origin_addr, model, model_addr) = (rig.origin_addr, rig.model.clone(), rig.model_addr);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if opts.memory_only {
+        let slow = live_run(&rig, 16, 30, true).await?;
+        return Ok(behind_line(&slow));
+    }
 
     // 1. CPU per stream: one VOD job at a time, whole service process, against the CLI.
     eprintln!("VOD: service vs ffmpeg CLI, 3 interleaved rounds ...");
@@ -739,9 +752,13 @@ pub async fn bench_service(dir: &Path, opts: Options) -> anyhow::Result<String> 
         "\nLargest count held for {} s (no frame dropped, no segment missed, live lag under two target durations): **{best}** streams.\n\n",
         opts.live_seconds
     ));
-    md.push_str(&format!(
+    md.push_str(&behind_line(&slow));
+    Ok(md)
+}
+
+fn behind_line(slow: &LiveRun) -> String {
+    format!(
         "With a model that falls behind (each request answered after 2 s, 2 at a time; 16 live streams for 30 s, every queue full, frames dropped by design: {}): resident memory **{:.1} MiB per stream**.\n",
         slow.dropped, slow.rss_per_stream
-    ));
-    Ok(md)
+    )
 }
