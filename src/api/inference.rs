@@ -335,9 +335,12 @@ async fn webhook_status(state: &AppState, job: &JobRecord) -> Result<Vec<Webhook
         .collect())
 }
 
-pub(super) async fn job_view(state: &AppState, job: JobRecord) -> Result<JobView, ApiError> {
-    let id = JobId::parse(&job.job_id).map_err(|e| ApiError::Internal(e.into()))?;
-    let prompt = state.store.effective_prompt(&id).await?;
+/// The API's view of `job`, which uses `prompt` now.
+pub(super) async fn job_view(
+    state: &AppState,
+    job: JobRecord,
+    prompt: Option<PromptVersion>,
+) -> Result<JobView, ApiError> {
     let webhooks = webhook_status(state, &job).await?;
     let stats = match state.jobs.live_stats(&job.job_id) {
         Some(live) => serde_json::to_value(live).unwrap_or(job.stats),
@@ -448,12 +451,13 @@ pub async fn status(
     State(state): State<AppState>,
     Path(job_id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    let job = state
-        .store
-        .get_job(&job_id)
-        .await?
-        .ok_or_else(|| ApiError::job_not_found(&job_id))?;
-    Ok(Json(job_view(&state, job).await?))
+    // An id that cannot be a job's is simply not found.
+    let found = match JobId::parse(&job_id) {
+        Ok(id) => state.store.job_with_prompt(&id).await?,
+        Err(_) => None,
+    };
+    let (job, prompt) = found.ok_or_else(|| ApiError::job_not_found(&job_id))?;
+    Ok(Json(job_view(&state, job, prompt).await?))
 }
 
 /// A job's results in `seq` order. Poll with `after=next_after` to get each result exactly once.
@@ -535,7 +539,9 @@ pub async fn list(
     };
     let mut views = Vec::with_capacity(jobs.len());
     for job in jobs {
-        views.push(job_view(&state, job).await?);
+        let id = JobId::parse(&job.job_id).map_err(|e| ApiError::Internal(e.into()))?;
+        let prompt = state.store.effective_prompt(&id).await?;
+        views.push(job_view(&state, job, prompt).await?);
     }
     Ok(Json(JobsResponse {
         jobs: views,

@@ -232,15 +232,22 @@ pub enum Appended {
     Duplicate,
 }
 
+/// Every job column, named with its table (so joins may use them), as one literal.
+macro_rules! job_columns {
+    () => {
+        concat!(
+            "jobs.list_seq, jobs.job_id, jobs.status, jobs.stream_ref, jobs.source_type, jobs.fps, ",
+            "jobs.model, jobs.priority, jobs.from_beginning, jobs.created_at, jobs.started_at, ",
+            "jobs.completed_at, jobs.frames_processed, jobs.results_count, jobs.error, jobs.stats, ",
+            "jobs.progress, jobs.latency, jobs.owner, jobs.lease_token, jobs.webhook"
+        )
+    };
+}
+
 /// `SELECT <every job column> FROM jobs <rest>`, as one literal.
 macro_rules! select_jobs {
     ($rest:literal) => {
-        concat!(
-            "SELECT list_seq, job_id, status, stream_ref, source_type, fps, model, priority, from_beginning, ",
-            "created_at, started_at, completed_at, frames_processed, results_count, error, stats, progress, latency, ",
-            "owner, lease_token, webhook FROM jobs ",
-            $rest
-        )
+        concat!("SELECT ", job_columns!(), " FROM jobs ", $rest)
     };
 }
 

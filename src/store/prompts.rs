@@ -80,33 +80,45 @@ impl Store {
         &self,
         job_id: &JobId,
     ) -> Result<Option<PromptVersion>, StoreError> {
-        // One query: the job's newest version if it has any, else the global newest.
         let own = PromptScope::Job(job_id.clone()).key();
-        let row = sqlx::query(
-            "SELECT p.scope_key, p.version, p.prompt, p.created_at, \
-             (SELECT MIN(created_at) FROM prompt_versions p2 WHERE p2.scope_key = p.scope_key), p.response_format \
-             FROM prompt_versions p WHERE p.scope_key IN ($1, 'global') \
-             ORDER BY CASE WHEN p.scope_key = 'global' THEN 1 ELSE 0 END, p.version DESC LIMIT 1",
-        )
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            effective_prompt_columns!(),
+            " FROM prompt_versions p WHERE (p.scope_key, p.version) = ",
+            effective_prompt_key!("$1")
+        ))
         .bind(&own)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| {
-            let key: String = r.try_get(0)?;
-            Ok(PromptVersion {
-                scope: if key == own {
-                    PromptScope::Job(job_id.clone())
-                } else {
-                    PromptScope::Global
-                },
-                version: r.try_get(1)?,
-                prompt: r.try_get(2)?,
-                created_at: r.try_get(3)?,
-                scope_created_at: r.try_get(4)?,
-                response_format: r.try_get(5)?,
-            })
-        })
-        .transpose()
+        match row {
+            Some(r) => prompt_from_row(&r, job_id),
+            None => Ok(None),
+        }
+    }
+
+    /// A job and the prompt it uses now, in one query (what a status read needs).
+    pub async fn job_with_prompt(
+        &self,
+        job_id: &JobId,
+    ) -> Result<Option<(JobRecord, Option<PromptVersion>)>, StoreError> {
+        let own = PromptScope::Job(job_id.clone()).key();
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            ", ",
+            effective_prompt_columns!(),
+            " FROM jobs LEFT JOIN prompt_versions p ON (p.scope_key, p.version) = ",
+            effective_prompt_key!("$2"),
+            " WHERE jobs.job_id = $1"
+        ))
+        .bind(job_id.as_str())
+        .bind(&own)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(r) => Ok(Some((job_from_row(&r)?, prompt_from_row(&r, job_id)?))),
+            None => Ok(None),
+        }
     }
 
     /// How many versions the scope `key` holds in `table` (`prompt_versions` or
@@ -160,4 +172,46 @@ where
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// The effective prompt's columns, read by [`prompt_from_row`] (the table aliased `p`).
+macro_rules! effective_prompt_columns {
+    () => {
+        "p.scope_key AS p_scope, p.version AS p_version, p.prompt AS p_prompt, \
+         p.created_at AS p_created_at, p.response_format AS p_response_format, \
+         (SELECT MIN(created_at) FROM prompt_versions p2 WHERE p2.scope_key = p.scope_key) AS p_since"
+    };
+}
+use effective_prompt_columns;
+
+/// The key of a job's effective prompt version: its own newest (scope key bound at `$n`),
+/// else the newest global one.
+macro_rules! effective_prompt_key {
+    ($own:literal) => {
+        concat!(
+            "(SELECT q.scope_key, q.version FROM prompt_versions q WHERE q.scope_key IN (",
+            $own,
+            ", 'global') ORDER BY CASE WHEN q.scope_key = 'global' THEN 1 ELSE 0 END, q.version DESC LIMIT 1)"
+        )
+    };
+}
+use effective_prompt_key;
+
+/// The effective prompt read with [`effective_prompt_columns`]; none when the join found none.
+fn prompt_from_row(r: &AnyRow, job_id: &JobId) -> Result<Option<PromptVersion>, StoreError> {
+    let Some(key) = r.try_get::<Option<String>, _>("p_scope")? else {
+        return Ok(None);
+    };
+    Ok(Some(PromptVersion {
+        scope: if key == "global" {
+            PromptScope::Global
+        } else {
+            PromptScope::Job(job_id.clone())
+        },
+        version: r.try_get("p_version")?,
+        prompt: r.try_get("p_prompt")?,
+        created_at: r.try_get("p_created_at")?,
+        scope_created_at: r.try_get("p_since")?,
+        response_format: r.try_get("p_response_format")?,
+    }))
 }
