@@ -41,6 +41,7 @@ impl Application {
                 events: g.events.clone(),
             }
         }));
+        let store = store.with_evidence_store(settings.evidence.store.clone());
         store
             .migrate()
             .await
@@ -114,6 +115,11 @@ impl Application {
         );
         // Jobs left unfinished by an earlier run, then new ones, as this replica has room.
         state.jobs.start_claiming();
+        tokio::spawn(crate::store::sweep_forever(
+            state.store.clone(),
+            state.settings.retention.clone(),
+            shutdown.clone(),
+        ));
         // Webhook messages in the outbox, from any replica, are sent from here too.
         let deliverer = crate::webhook::deliver::Deliverer::new(
             state.store.clone(),

@@ -43,6 +43,37 @@ pub struct StartRequest {
     /// The job's own alert rules (version 1 of its alert scope; without them the job follows
     /// the global rules): yes/no questions asked about every sampled frame.
     pub alerts: Option<Vec<super::alerts::AlertRuleRequest>>,
+    /// How long this job's results and evidence frames are kept, instead of
+    /// RESULTS_RETENTION and EVIDENCE_RETENTION.
+    pub retention: Option<RetentionRequest>,
+}
+
+/// A job's own retention: durations such as `7d`, `24h`, `90m`, or `off` (kept for ever).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRequest {
+    #[schema(example = "30d")]
+    pub results: Option<String>,
+    #[schema(example = "2h")]
+    pub evidence: Option<String>,
+}
+
+impl RetentionRequest {
+    /// Seconds per kind: `Some(0)` keeps for ever, `None` follows the settings.
+    fn parse(self) -> Result<crate::store::JobRetention, Invalid> {
+        let secs = |field: &'static str, v: Option<String>| -> Result<Option<i64>, Invalid> {
+            v.map(|v| {
+                crate::config::parse_retention(&v)
+                    .map(|d| d.map_or(0, |d| d.as_secs() as i64))
+                    .map_err(|m| Invalid::new(field, &format!("retention.{field}: {m}")))
+            })
+            .transpose()
+        };
+        Ok(crate::store::JobRetention {
+            results_s: secs("results", self.results)?,
+            evidence_s: secs("evidence", self.evidence)?,
+        })
+    }
 }
 
 /// A job's own webhook, as `start` takes it. The secret is never shown again.
@@ -206,6 +237,10 @@ pub struct ResultView {
     /// Milliseconds spent per phase: queue, preprocess, inference, total.
     #[schema(value_type = Object)]
     pub latency_ms: Value,
+    /// The frame the model was asked about (JPEG), while it is kept (EVIDENCE,
+    /// EVIDENCE_RETENTION).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frame_url: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -293,6 +328,11 @@ impl StartRequest {
             priority: self.priority.unwrap_or_default(),
             from_beginning: self.from_beginning.unwrap_or(false),
             webhook: self.webhook.map(|w| w.into_webhook(state)).transpose()?,
+            retention: self
+                .retention
+                .map(RetentionRequest::parse)
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }
@@ -389,8 +429,11 @@ pub(super) async fn job_view(
     })
 }
 
-pub(super) fn result_view(r: &ResultRecord) -> ResultView {
+/// A result as the API shows it; `frames_from`: the first seq whose evidence frame is kept.
+pub(super) fn result_view(job_id: &str, r: &ResultRecord, frames_from: i64) -> ResultView {
     ResultView {
+        frame_url: (r.evidence && r.seq >= frames_from)
+            .then(|| crate::store::frame_url(job_id, r.seq)),
         seq: r.seq,
         pts_ms: r.pts_ms,
         prompt_version: r.prompt_version,
@@ -481,13 +524,66 @@ pub async fn results(
         .ok_or_else(|| ApiError::job_not_found(&job_id))?;
     let results = state.store.results(&job_id, &job, q.after, limit).await?;
     let next_after = results.last().map(|r| r.seq).or(q.after);
+    let results = results
+        .iter()
+        .map(|r| result_view(&job_id, r, job.evidence_kept_from))
+        .collect();
     Ok(Json(ResultsResponse {
         job_id,
         status: job.status,
         total_results: job.results_count,
-        results: results.iter().map(|r| result_view(r)).collect(),
+        results,
         next_after,
     }))
+}
+
+/// The frame result `seq` of a job was answered about (JPEG, at most EVIDENCE_MAX_SIDE on
+/// its longest side), while it is kept.
+#[utoipa::path(get, path = "/api/v1/inference/results/{job_id}/{seq}/frame", tag = "inference",
+    params(("job_id" = String, Path, description = "Job id"), ("seq" = i64, Path, description = "The result's seq")),
+    responses((status = 200, description = "The frame", content_type = "image/jpeg"),
+        (status = 304, description = "Not modified (If-None-Match)"),
+        (status = 404, description = "Unknown job or result, no frame kept, or expired", body = ErrorBody)))]
+pub async fn frame(
+    State(state): State<AppState>,
+    Path((job_id, seq)): Path<(String, i64)>,
+    headers: axum::http::HeaderMap,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::http::header;
+    use axum::response::IntoResponse;
+    let missing = || {
+        ApiError::NotFound(format!(
+            "no frame for result {seq} of job {job_id:?}: unknown, not kept (EVIDENCE) or expired (EVIDENCE_RETENTION)"
+        ))
+    };
+    if JobId::parse(&job_id).is_err() || seq < 0 {
+        return Err(missing());
+    }
+    // A result's frame never changes: its identity is the job's and the seq.
+    let brief = state.store.job_brief(&job_id).await?.ok_or_else(missing)?;
+    let etag = format!("\"{}-{seq}\"", brief.list_seq);
+    let jpeg = state.store.frame(&job_id, seq).await?.ok_or_else(missing)?;
+    let cache = (header::CACHE_CONTROL, "private, max-age=86400, immutable");
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+    {
+        return Ok((
+            StatusCode::NOT_MODIFIED,
+            [cache, (header::ETAG, etag.as_str())],
+        )
+            .into_response());
+    }
+    Ok((
+        [
+            (header::CONTENT_TYPE, "image/jpeg"),
+            cache,
+            (header::ETAG, etag.as_str()),
+        ],
+        jpeg,
+    )
+        .into_response())
 }
 
 /// Cancel a pending or running job; its stored results stay.

@@ -75,7 +75,7 @@ pub struct Shared {
     info(title = "free-roam", description = "Watches video streams with vision-language models. \
         Compatible with the Free-Roam inference service's API."),
     paths(
-        inference::start, inference::status, inference::results, stream::results_stream, inference::cancel, inference::list,
+        inference::start, inference::status, inference::results, inference::frame, stream::results_stream, inference::cancel, inference::list,
         stream::events_stream, webhooks::list, webhooks::resend,
         prompt::update, prompt::current, prompt::history,
         alerts::update, alerts::current, alerts::history, alerts::events,
@@ -178,6 +178,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/inference/results/{job_id}",
             get(inference::results),
+        )
+        .route(
+            "/api/v1/inference/results/{job_id}/{seq}/frame",
+            get(inference::frame),
         )
         .route(
             "/api/v1/inference/results/{job_id}/stream",

@@ -291,9 +291,10 @@ async fn follow(
                     break;
                 }
                 for r in &page {
-                    let data = r
-                        .encoded
-                        .get_or_init(|| serde_json::to_string(&result_view(r)).unwrap_or_default());
+                    let data = r.encoded.get_or_init(|| {
+                        serde_json::to_string(&result_view(&job_id, r, job.evidence_kept_from))
+                            .unwrap_or_default()
+                    });
                     let event = Event::default()
                         .event("result")
                         .id(r.seq.to_string())

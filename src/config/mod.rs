@@ -9,8 +9,11 @@
 //! The table is in [`variables`]; parsing and validation in `source`; this file holds the
 //! typed settings and where their values come from.
 
+mod evidence;
 mod source;
 mod variables;
+
+pub use evidence::{parse_retention, EvidenceSettings, EvidenceStore, RetentionSettings};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -161,6 +164,10 @@ pub struct Settings {
     pub webhook_secret: Option<crate::webhook::Secret>,
     pub request_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// EVIDENCE*: the frame behind each answer.
+    pub evidence: EvidenceSettings,
+    /// *_RETENTION: how long results, frames and finished jobs are kept.
+    pub retention: RetentionSettings,
 }
 
 impl Settings {

@@ -16,7 +16,7 @@ pub(super) const HOSTNAME: &str = "HOSTNAME";
 pub(super) struct Source(pub(super) HashMap<String, String>);
 
 impl Source {
-    fn raw(&self, name: &'static str) -> String {
+    pub(super) fn raw(&self, name: &'static str) -> String {
         self.0
             .get(name)
             .map(String::as_str)
@@ -34,7 +34,7 @@ impl Source {
         })
     }
 
-    fn ranged<T>(
+    pub(super) fn ranged<T>(
         &self,
         name: &'static str,
         what: &str,
@@ -72,7 +72,7 @@ impl Source {
             .collect()
     }
 
-    fn invalid(&self, name: &'static str, message: &str) -> ConfigError {
+    pub(super) fn invalid(&self, name: &'static str, message: &str) -> ConfigError {
         ConfigError::Invalid {
             name,
             value: self.raw(name),
@@ -474,6 +474,8 @@ impl Source {
                 "seconds from 1 to 3600",
                 |v: &u64| (1..=3600).contains(v),
             )?),
+            evidence: self.evidence()?,
+            retention: self.retention()?,
         })
     }
 }

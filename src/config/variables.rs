@@ -77,6 +77,15 @@ variables! {
     "MAX_ACTIVE_JOBS" = "" : "Most jobs pending or running across all replicas; more are refused with 429. Empty: MAX_CONCURRENT_STREAMS (right for one replica).";
     "REPLICA_ID" = "" : "This replica's id, the owner of the jobs it runs. Empty: HOSTNAME (the pod name on Kubernetes), else a random id.";
     "LEASE_TTL_SECS" = "15" : "How long a replica's hold on a job lasts unless renewed (every third of it); a crashed replica's jobs move after this.";
+    "EVIDENCE" = "database" : "Where the frame behind each answer is kept: database (beside the results; every replica reads it), directory (EVIDENCE_DIR, a volume every replica mounts) or off.";
+    "EVIDENCE_DIR" = "" : "Directory of evidence frames when EVIDENCE=directory.";
+    "EVIDENCE_MAX_SIDE" = "640" : "Evidence frames are scaled down so neither side exceeds this many pixels.";
+    "EVIDENCE_JPEG_QUALITY" = "80" : "JPEG quality (1-100) of evidence frames.";
+    "RESULTS_RETENTION" = "7d" : "Results older than this are deleted (a duration such as 7d, 24h, 90m; off keeps them). A job may set its own at start.";
+    "EVIDENCE_RETENTION" = "24h" : "Evidence frames older than this are deleted (off keeps them). A job may set its own at start.";
+    "JOB_RETENTION" = "30d" : "Finished jobs (completed, failed, cancelled) are deleted with everything they hold this long after they finished (off keeps them).";
+    "RETENTION_SWEEP_SECS" = "60" : "How often the retention sweeper runs.";
+    "RETENTION_SWEEP_BATCH" = "500" : "Rows one retention statement deletes at most; the pipelines' writes go between batches.";
     "LOG_LEVEL" = "INFO" : "DEBUG, INFO, WARNING, ERROR or CRITICAL, or a tracing filter such as free_roam=debug.";
     "LOG_FORMAT" = "json" : "json or text.";
     "RATE_LIMIT_ENABLED" = "true" : "Apply per-client rate limits to /api routes.";

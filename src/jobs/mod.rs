@@ -48,6 +48,7 @@ pub struct StartJob {
     pub from_beginning: bool,
     /// Where the job's events are also sent.
     pub webhook: Option<crate::webhook::Webhook>,
+    pub retention: crate::store::JobRetention,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +171,7 @@ impl JobManager {
             response_format: req.response_format,
             alerts: req.alerts,
             webhook: req.webhook,
+            retention: req.retention,
         };
         let limit = self.inner.settings.max_active_jobs;
         let job = match self.inner.store.create_job(&new, limit).await {
@@ -476,6 +478,13 @@ impl Inner {
             source,
             model,
             spec,
+            evidence: match self.settings.evidence.store {
+                crate::config::EvidenceStore::Off => None,
+                _ => Some(crate::media::EvidenceSpec {
+                    max_side: self.settings.evidence.max_side,
+                    quality: self.settings.evidence.jpeg_quality,
+                }),
+            },
             store: self.store.clone(),
             settings: self.settings.clone(),
             stats,

@@ -31,7 +31,7 @@ use crate::ingest::redis::{Acker, RedisSource, RedisSourceConfig};
 use crate::media::decode::{DecodeError, DecodeLimits, DecodeState, SegmentBytes, SegmentDecoder};
 use crate::media::sampler::Sampler;
 use crate::media::shape::Shaper;
-use crate::media::{Frame, FrameSpec, Still};
+use crate::media::{EvidenceSpec, Frame, FrameSpec, Still};
 use crate::retry::Backoff;
 use crate::stats::LatencyWindow;
 use crate::stats::Stats;
@@ -62,6 +62,8 @@ enum Pending {
         pts_ms: i64,
         reply: oneshot::Receiver<Done>,
         ack: Option<String>,
+        /// The frame to keep beside the answer (never sent to the model).
+        evidence: Option<Vec<u8>>,
     },
     /// Acknowledge a Redis entry that produced no frame (skipped by the sampler, invalid).
     Ack(String),
@@ -80,6 +82,8 @@ pub struct Pipeline {
     pub model: String,
     /// How the model wants its frames; they are shaped so in the decode thread.
     pub spec: FrameSpec,
+    /// The evidence JPEG made beside each frame, when evidence is kept.
+    pub evidence: Option<EvidenceSpec>,
     pub store: Store,
     pub settings: Arc<Settings>,
     pub stats: Arc<Stats>,
@@ -189,14 +193,17 @@ impl Pipeline {
         let mut sampler = progress
             .sampler
             .unwrap_or_else(|| Sampler::new(self.job.fps));
-        let mut decoder = Some(SegmentDecoder::new(
-            DecodeLimits {
-                max_frame_pixels: p.max_frame_pixels,
-                deadline: p.segment_decode_timeout,
-                fast: p.fast_decode,
-            },
-            self.spec,
-        ));
+        let mut decoder = Some(
+            SegmentDecoder::new(
+                DecodeLimits {
+                    max_frame_pixels: p.max_frame_pixels,
+                    deadline: p.segment_decode_timeout,
+                    fast: p.fast_decode,
+                },
+                self.spec,
+            )
+            .with_evidence(self.evidence),
+        );
         let mut failure = None;
         while let Some(event) = tokio::select! { _ = stop.cancelled() => None, e = rx.recv() => e }
         {
@@ -329,7 +336,7 @@ impl Pipeline {
             .sampler
             .unwrap_or_else(|| Sampler::new(self.job.fps));
         let max_pixels = self.settings.pipeline.max_frame_pixels;
-        let mut shaper = Some(Shaper::new(self.spec));
+        let mut shaper = Some(Shaper::new(self.spec).with_evidence(self.evidence));
         while let Some(entry) = tokio::select! { _ = stop.cancelled() => None, e = rx.recv() => e }
         {
             let Some(bytes) = entry.frame else {
@@ -412,6 +419,7 @@ impl Pipeline {
                 pts_ms,
                 reply: rx,
                 ack,
+                evidence: None,
             })
             .await
             .is_ok()
@@ -422,13 +430,14 @@ impl Pipeline {
     async fn submit(
         &self,
         lane: &LaneHandle<Work>,
-        frame: Frame,
+        mut frame: Frame,
         ack: Option<String>,
         pending: &mpsc::Sender<Pending>,
         stop: &CancellationToken,
     ) -> bool {
         let (tx, rx) = oneshot::channel();
         let pts_ms = frame.pts_ms;
+        let evidence = frame.evidence.take();
         let work = Work {
             job_id: self.job_id.clone(),
             frame: Arc::new(frame),
@@ -444,7 +453,7 @@ impl Pipeline {
         }
         tokio::select! {
             _ = stop.cancelled() => false,
-            r = pending.send(Pending::Frame { pts_ms, reply: rx, ack }) => r.is_ok(),
+            r = pending.send(Pending::Frame { pts_ms, reply: rx, ack, evidence }) => r.is_ok(),
         }
     }
 }
@@ -478,7 +487,12 @@ impl Writer {
                 item = rx.recv() => match item { Some(i) => i, None => return },
             };
             match item {
-                Pending::Frame { pts_ms, reply, ack } => {
+                Pending::Frame {
+                    pts_ms,
+                    reply,
+                    ack,
+                    evidence,
+                } => {
                     let done = tokio::select! {
                         _ = self.cancel.cancelled() => return,
                         d = reply => d,
@@ -512,6 +526,7 @@ impl Writer {
                         batch_size: done.batch_size as i64,
                         latency: json!(done.latency),
                         alerts: done.alerts,
+                        evidence,
                     };
                     // Kept to publish the events this result fires (RESULTS_STREAM only).
                     let before = self

@@ -180,6 +180,12 @@ impl SegmentDecoder {
         }
     }
 
+    /// Also makes each frame's evidence JPEG, as `evidence` says.
+    pub fn with_evidence(mut self, evidence: Option<super::EvidenceSpec>) -> Self {
+        self.sink.shaper.keep_evidence(evidence);
+        self
+    }
+
     /// Decodes one segment and returns the frames `sampler` keeps, with `pts_ms` on the job's
     /// media timeline.
     pub fn decode(

@@ -58,6 +58,17 @@ pub struct Frame {
     pub picture: Picture,
     /// Milliseconds from the start of the media the job read.
     pub pts_ms: i64,
+    /// The same picture as a JPEG to keep beside its answer (see [`EvidenceSpec`]), when
+    /// the job keeps evidence. Taken off before the frame is queued for the model.
+    pub evidence: Option<Vec<u8>>,
+}
+
+/// What the frame kept beside each answer is: a JPEG no larger than `max_side`. Made in the
+/// decode thread with the picture for the model (or is that same JPEG when it fits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvidenceSpec {
+    pub max_side: u32,
+    pub quality: u8,
 }
 
 impl std::fmt::Debug for Frame {
@@ -159,19 +170,36 @@ impl<'a> Still<'a> {
             && matches!(spec.encoding, Encoding::Jpeg { .. })
             && size == (self.width, self.height)
         {
+            let evidence = match shaper.evidence_spec() {
+                None => None,
+                Some(e) if self.width.max(self.height) <= e.max_side => Some(self.bytes.to_vec()),
+                Some(_) => {
+                    let rgb = self.decode()?;
+                    Some(shaper.evidence(&shape::Source::rgb(
+                        rgb.as_raw(),
+                        rgb.width(),
+                        rgb.height(),
+                    ))?)
+                }
+            };
             return Ok(Frame {
                 width: self.width,
                 height: self.height,
                 picture: Picture::Jpeg(self.bytes.to_vec()),
                 pts_ms,
+                evidence,
             });
         }
-        let rgb = image::load_from_memory_with_format(self.bytes, self.format)
-            .map_err(|e| format!("undecodable image: {e}"))?
-            .to_rgb8();
+        let rgb = self.decode()?;
         shaper.shape(
             &shape::Source::rgb(rgb.as_raw(), rgb.width(), rgb.height()),
             pts_ms,
         )
+    }
+
+    fn decode(&self) -> Result<image::RgbImage, String> {
+        Ok(image::load_from_memory_with_format(self.bytes, self.format)
+            .map_err(|e| format!("undecodable image: {e}"))?
+            .to_rgb8())
     }
 }

@@ -21,7 +21,7 @@ use ffmpeg_next as ffmpeg;
 
 use super::jpeg::{JpegEncoder, Yuv420};
 use super::resample;
-use super::{Encoding, Frame, FrameSize, FrameSpec, Picture};
+use super::{Encoding, EvidenceSpec, Frame, FrameSize, FrameSpec, Picture};
 
 /// A picture swscale can read: up to four planes with their strides.
 pub struct Source<'a> {
@@ -214,6 +214,9 @@ pub struct Shaper {
     /// A copy of a borrowed packed picture with room past its end for swscale's vectorised
     /// reads (decoded frames from ffmpeg carry that padding already).
     padded: Vec<u8>,
+    /// The evidence JPEG's own shaper (its own swscale context and planes, so the two
+    /// sizes do not rebuild one context in turn), when the job keeps evidence.
+    evidence: Option<(EvidenceSpec, Box<Shaper>)>,
 }
 
 /// Bytes swscale may read past the end of a packed picture's last row.
@@ -227,11 +230,44 @@ impl Shaper {
             planes: Planes::default(),
             jpeg: None,
             padded: Vec::new(),
+            evidence: None,
         }
+    }
+
+    /// Also makes each frame's evidence JPEG, as `evidence` says.
+    pub fn with_evidence(mut self, evidence: Option<EvidenceSpec>) -> Self {
+        self.keep_evidence(evidence);
+        self
+    }
+
+    /// Makes each frame's evidence JPEG from now on, as `evidence` says (none: no more).
+    pub fn keep_evidence(&mut self, evidence: Option<EvidenceSpec>) {
+        self.evidence = evidence.map(|e| {
+            let spec = FrameSpec {
+                size: FrameSize::LongestSide(e.max_side),
+                encoding: Encoding::Jpeg { quality: e.quality },
+            };
+            (e, Box::new(Shaper::new(spec)))
+        });
     }
 
     pub fn spec(&self) -> FrameSpec {
         self.spec
+    }
+
+    pub fn evidence_spec(&self) -> Option<EvidenceSpec> {
+        self.evidence.as_ref().map(|(e, _)| *e)
+    }
+
+    /// The evidence JPEG of `src` alone.
+    pub fn evidence(&mut self, src: &Source<'_>) -> Result<Vec<u8>, String> {
+        let Some((_, shaper)) = self.evidence.as_mut() else {
+            return Err("this job keeps no evidence".into());
+        };
+        match shaper.shape(src, 0)?.picture {
+            Picture::Jpeg(j) => Ok(j),
+            Picture::Rgb(_) => Err("evidence encoding gave no JPEG".into()),
+        }
     }
 
     /// Shapes one picture; `pts_ms` is carried over.
@@ -278,11 +314,41 @@ impl Shaper {
                 })?)
             }
         };
+        // The model's JPEG is the evidence too when it is small enough and as good; a
+        // smaller one is scaled from the model's planes (a fraction of the decoded
+        // picture's pixels to read); an RGB model's is made from the decoded picture.
+        let evidence = match (self.evidence.as_mut(), &picture) {
+            (None, _) => None,
+            (Some((e, _)), Picture::Jpeg(j))
+                if dw.max(dh) <= e.max_side
+                    && matches!(self.spec.encoding, Encoding::Jpeg { quality } if quality >= e.quality) =>
+            {
+                Some(j.clone())
+            }
+            (Some((_, shaper)), Picture::Jpeg(_)) => {
+                let p = &self.planes;
+                let scaled = Source {
+                    format: Pixel::YUVJ420P,
+                    width: dw,
+                    height: dh,
+                    planes: [&p.data[0], &p.data[1], &p.data[2], &[]],
+                    strides: [p.strides[0], p.strides[1], p.strides[2], 0],
+                    colorspace: ffi::AVColorSpace::AVCOL_SPC_BT470BG,
+                    full_range: true,
+                };
+                match shaper.shape(&scaled, 0)?.picture {
+                    Picture::Jpeg(j) => Some(j),
+                    Picture::Rgb(_) => return Err("evidence encoding gave no JPEG".into()),
+                }
+            }
+            (Some(_), Picture::Rgb(_)) => Some(self.evidence(src)?),
+        };
         Ok(Frame {
             width: dw,
             height: dh,
             picture,
             pts_ms,
+            evidence,
         })
     }
 

@@ -41,8 +41,8 @@ impl Store {
             .as_ref()
             .map(|w| serde_json::to_string(w).expect("a webhook serialises"));
         sqlx::query(
-            "INSERT INTO jobs (job_id, status, stream_ref, source_type, fps, model, priority, from_beginning, created_at, webhook) \
-             VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO jobs (job_id, status, stream_ref, source_type, fps, model, priority, from_beginning, created_at, webhook, results_retention_s, evidence_retention_s) \
+             VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(job.job_id.as_str())
         .bind(&job.stream_ref)
@@ -53,6 +53,8 @@ impl Store {
         .bind(i64::from(job.from_beginning))
         .bind(now)
         .bind(webhook.as_deref())
+        .bind(job.retention.results_s)
+        .bind(job.retention.evidence_s)
         .execute(&mut *tx)
         .await?;
         self.status_changed(
@@ -293,7 +295,9 @@ impl Store {
 
     /// A job's status and result count: all a results page needs of the job.
     pub async fn job_brief(&self, job_id: &str) -> Result<Option<JobBrief>, StoreError> {
-        let row = sqlx::query("SELECT list_seq, status, results_count FROM jobs WHERE job_id = $1")
+        let row = sqlx::query(
+            "SELECT list_seq, status, results_count, results_kept_from, evidence_kept_from FROM jobs WHERE job_id = $1",
+        )
             .bind(job_id)
             .fetch_optional(&self.pool)
             .await?;
@@ -304,6 +308,8 @@ impl Store {
                 status: JobStatus::parse(&status)
                     .ok_or_else(|| StoreError::Corrupt(format!("job status {status:?}")))?,
                 results_count: r.try_get(2)?,
+                results_kept_from: r.try_get(3)?,
+                evidence_kept_from: r.try_get(4)?,
             })
         })
         .transpose()

@@ -129,6 +129,14 @@ pub struct NewJob {
     pub alerts: Option<Vec<AlertRule>>,
     /// Where the job's events are also sent (Standard Webhooks).
     pub webhook: Option<crate::webhook::Webhook>,
+    pub retention: JobRetention,
+}
+
+/// A job's own retention, in seconds: `None` follows the settings, `Some(0)` keeps for ever.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JobRetention {
+    pub results_s: Option<i64>,
+    pub evidence_s: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -199,6 +207,8 @@ pub struct ResultRecord {
     pub created_at: f64,
     /// The frame's answers to the job's alert questions (empty when it had none).
     pub alerts: Vec<AlertAnswer>,
+    /// Whether the frame the model was asked about was kept (EVIDENCE).
+    pub evidence: bool,
     /// The row as the API encodes it (JSON), kept with the cached row by the first stream
     /// that encodes it: a thousand result streams on one job encode each result once.
     pub encoded: std::sync::OnceLock<String>,
@@ -220,6 +230,8 @@ pub struct NewResult {
     /// The frame's answers to its alert questions, and the rule set they were asked from
     /// (`None`: no alert set was in force, nothing to apply to the job's alert state).
     pub alerts: Option<(Arc<AlertSetVersion>, Vec<AlertAnswer>)>,
+    /// The frame the model was asked about, as a JPEG to keep (EVIDENCE), if kept.
+    pub evidence: Option<Vec<u8>>,
 }
 
 /// What storing a result did.
@@ -275,6 +287,10 @@ pub struct JobBrief {
     pub list_seq: i64,
     pub status: JobStatus,
     pub results_count: i64,
+    /// Results below this seq were deleted by retention.
+    pub results_kept_from: i64,
+    /// Evidence frames below this seq were deleted by retention.
+    pub evidence_kept_from: i64,
 }
 
 /// What a job's pipeline saves as it goes, besides its resume progress.
@@ -308,6 +324,8 @@ pub struct Store {
     /// Set when this process queued a webhook message: the sender looks at the outbox at
     /// once after a change only then (and every second anyway).
     outbox_queued: Arc<std::sync::atomic::AtomicBool>,
+    /// Where evidence frames are kept (EVIDENCE).
+    evidence: Arc<crate::config::EvidenceStore>,
 }
 
 impl Store {
@@ -373,6 +391,7 @@ impl Store {
             changes: tokio::sync::broadcast::channel(4096).0,
             global_webhook: None,
             outbox_queued: Default::default(),
+            evidence: Arc::new(crate::config::EvidenceStore::Off),
         })
     }
 
@@ -574,6 +593,8 @@ fn job_from_row(r: &AnyRow) -> Result<JobRecord, StoreError> {
 
 // After `select_jobs!`, which they use (macros are in scope from their definition on).
 mod alerts;
+mod evidence;
+pub use evidence::{frame_url, sweep_forever, Swept};
 mod jobs;
 mod leases;
 mod prompts;

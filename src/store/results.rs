@@ -53,9 +53,11 @@ impl Store {
             .as_ref()
             .map(|(_, a)| a)
             .filter(|a| !a.is_empty());
+        let keeps =
+            result.evidence.is_some() && *self.evidence != crate::config::EvidenceStore::Off;
         let inserted = sqlx::query(
-            "INSERT INTO results (job_id, seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, source_key, output_format, alerts) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+            "INSERT INTO results (job_id, seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, source_key, output_format, alerts, evidence) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
              ON CONFLICT (job_id, source_key) DO NOTHING",
         )
         .bind(job_id)
@@ -72,12 +74,26 @@ impl Store {
         .bind(&result.source_key)
         .bind(format)
         .bind(answers.map(|a| serde_json::to_string(a).expect("alert answers serialise")))
+        .bind(i64::from(keeps))
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if inserted == 0 {
             tx.rollback().await?;
             return Ok(Appended::Duplicate);
+        }
+        let mut kept = false;
+        if let (true, Some(jpeg)) = (keeps, &result.evidence) {
+            kept = self
+                .keep_frame(&mut tx, job_id, seq, jpeg, created_at)
+                .await?;
+            if !kept {
+                sqlx::query("UPDATE results SET evidence = 0 WHERE job_id = $1 AND seq = $2")
+                    .bind(job_id)
+                    .bind(seq)
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         sqlx::query("UPDATE jobs SET results_count = results_count + 1 WHERE job_id = $1")
             .bind(job_id)
@@ -99,6 +115,9 @@ impl Store {
         if let Some(answers) = answers {
             // As the results API shows it: present only when the frame was asked questions.
             data["alerts"] = serde_json::to_value(answers).expect("alert answers serialise");
+        }
+        if kept {
+            data["frame_url"] = frame_url(job_id, seq).into();
         }
         self.queue_webhooks(
             &mut tx,
@@ -139,7 +158,9 @@ impl Store {
         after: Option<i64>,
         limit: i64,
     ) -> Result<Vec<Arc<ResultRecord>>, StoreError> {
-        let first = after.map_or(0, |a| a + 1);
+        // Below `results_kept_from` retention deleted them (maybe on another replica): not
+        // asked for, and never served from the cache.
+        let first = after.map_or(0, |a| a + 1).max(job.results_kept_from);
         let end = first.saturating_add(limit).min(job.results_count);
         if end <= first {
             return Ok(Vec::new());
@@ -151,7 +172,7 @@ impl Store {
             return Ok(page);
         }
         let rows = sqlx::query(limited(
-            "SELECT seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, output_format, alerts \
+            "SELECT seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, output_format, alerts, evidence \
              FROM results WHERE job_id = $1 AND seq > $2 ORDER BY seq",
             limit,
         ))
@@ -185,6 +206,7 @@ impl Store {
                     latency: serde_json::from_str(&latency)
                         .map_err(|e| StoreError::Corrupt(e.to_string()))?,
                     created_at: r.try_get(9)?,
+                    evidence: r.try_get::<i64, _>(12)? != 0,
                     encoded: Default::default(),
                 });
                 self.results_cache

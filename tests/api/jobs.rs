@@ -291,6 +291,7 @@ async fn results_poll_never_misses_or_repeats(db: Db) {
                 batch_size: 7,
                 latency: json!({"queue": 1.0, "inference": 2.0, "total": 3.0}),
                 alerts: None,
+                evidence: None,
             };
             let mut alerts = AlertTracker::default();
             assert_eq!(

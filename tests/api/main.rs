@@ -7,6 +7,7 @@ mod helpers;
 mod alerts;
 mod deploy;
 mod errors;
+mod evidence;
 mod frames;
 mod health;
 mod jobs;

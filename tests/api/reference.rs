@@ -297,6 +297,7 @@ fn preprocessing_matches_the_reference_processor() {
             height: decoded.height(),
             picture: Picture::Rgb(decoded.into_raw()),
             pts_ms: 0,
+            evidence: None,
         };
         let again = model.preprocess(&[Arc::new(unshaped)]).unwrap();
         assert_eq!(

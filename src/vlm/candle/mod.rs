@@ -293,6 +293,7 @@ impl Backend for CandleBackend {
             height: 64,
             picture: Picture::Rgb(vec![128; 64 * 64 * 3]),
             pts_ms: 0,
+            evidence: None,
         });
         let out = self
             .run(

@@ -1,0 +1,108 @@
+//! Evidence and retention settings: where the frame behind each answer is kept, at what
+//! size, and how long results, frames and finished jobs are kept (`EVIDENCE*`,
+//! `*_RETENTION`). Split from the loader because both are read by the store and the sweeper
+//! alone.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::source::Source;
+use super::ConfigError;
+
+/// Where evidence frames are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EvidenceStore {
+    /// Not kept (`EVIDENCE=off`).
+    Off,
+    /// In the database, beside the results (every replica reads it; the default).
+    Database,
+    /// Files under a directory every replica mounts (`EVIDENCE=directory`, `EVIDENCE_DIR`).
+    Directory(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct EvidenceSettings {
+    pub store: EvidenceStore,
+    /// Longest side of a kept frame, in pixels.
+    pub max_side: u32,
+    pub jpeg_quality: u8,
+}
+
+/// How long things are kept; `None` keeps them for ever.
+#[derive(Debug, Clone)]
+pub struct RetentionSettings {
+    pub results: Option<Duration>,
+    pub evidence: Option<Duration>,
+    /// Finished jobs (completed, failed, cancelled), counted from when they finished, with
+    /// everything they hold.
+    pub finished_jobs: Option<Duration>,
+    /// How often the sweeper looks.
+    pub sweep_interval: Duration,
+    /// Rows one sweeper statement deletes at most (the pipelines' writes go between them).
+    pub sweep_batch: usize,
+}
+
+/// A retention setting's value: a duration such as `7d`, `24h`, `90m`, or `off`.
+pub fn parse_retention(value: &str) -> Result<Option<Duration>, String> {
+    let value = value.trim();
+    if value.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    match humantime::parse_duration(value) {
+        Ok(d) if d >= Duration::from_secs(1) => Ok(Some(d)),
+        Ok(_) => Err("expected at least 1s, or off".into()),
+        Err(_) => Err("expected a duration such as 7d, 24h or 90m, or off".into()),
+    }
+}
+
+impl Source {
+    pub(super) fn evidence(&self) -> Result<EvidenceSettings, ConfigError> {
+        let store = match self.raw("EVIDENCE").to_ascii_lowercase().as_str() {
+            "off" | "false" | "0" => EvidenceStore::Off,
+            "database" | "db" => EvidenceStore::Database,
+            "directory" | "dir" => {
+                let dir = self.raw("EVIDENCE_DIR");
+                if dir.is_empty() {
+                    return Err(self.invalid(
+                        "EVIDENCE_DIR",
+                        "must name a directory when EVIDENCE=directory",
+                    ));
+                }
+                EvidenceStore::Directory(PathBuf::from(dir))
+            }
+            _ => return Err(self.invalid("EVIDENCE", "expected database, directory or off")),
+        };
+        Ok(EvidenceSettings {
+            store,
+            max_side: self.ranged("EVIDENCE_MAX_SIDE", "pixels from 16 to 4096", |v: &u32| {
+                (16..=4096).contains(v)
+            })?,
+            jpeg_quality: self.ranged(
+                "EVIDENCE_JPEG_QUALITY",
+                "a whole number from 1 to 100",
+                |v: &u8| (1..=100).contains(v),
+            )?,
+        })
+    }
+
+    pub(super) fn retention(&self) -> Result<RetentionSettings, ConfigError> {
+        let duration = |name: &'static str| {
+            parse_retention(&self.raw(name)).map_err(|m| self.invalid(name, &m))
+        };
+        Ok(RetentionSettings {
+            results: duration("RESULTS_RETENTION")?,
+            evidence: duration("EVIDENCE_RETENTION")?,
+            finished_jobs: duration("JOB_RETENTION")?,
+            sweep_interval: Duration::from_secs(self.ranged(
+                "RETENTION_SWEEP_SECS",
+                "seconds from 1 to 86400",
+                |v: &u64| (1..=86_400).contains(v),
+            )?),
+            sweep_batch: self.ranged(
+                "RETENTION_SWEEP_BATCH",
+                "a whole number from 1 to 100000",
+                |v: &usize| (1..=100_000).contains(v),
+            )?,
+        })
+    }
+}

@@ -1,0 +1,349 @@
+//! Evidence and retention: the frame behind each answer, kept in the database or in a
+//! directory every replica mounts (`EVIDENCE`), and the sweeps that delete expired results,
+//! frames and finished jobs in bounded batches.
+//!
+//! Each job records how far retention has reached (`results_kept_from`,
+//! `evidence_kept_from`: every seq below is gone), so readers on any replica skip what another
+//! replica's sweeper deleted without asking, and cached rows below it are never served.
+
+use std::path::{Path, PathBuf};
+
+use sqlx::Row;
+
+use super::*;
+use crate::config::{EvidenceStore, RetentionSettings};
+
+/// What one sweep removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    pub results: u64,
+    pub frames: u64,
+    pub jobs: u64,
+}
+
+/// Sweeps every `interval` until `stop`; a failed sweep is logged and tried again next time.
+/// Every replica sweeps: deletes are idempotent and the kept-from marks only move forward.
+pub async fn sweep_forever(
+    store: Store,
+    settings: RetentionSettings,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(settings.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store.sweep(&settings, now_secs()).await {
+            Ok(s) if s != Swept::default() => {
+                tracing::info!(
+                    results = s.results,
+                    frames = s.frames,
+                    jobs = s.jobs,
+                    "retention sweep"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "retention sweep failed; trying again later"),
+        }
+    }
+}
+
+/// Where the API serves the evidence frame of result `seq` of `job_id`.
+pub fn frame_url(job_id: &str, seq: i64) -> String {
+    format!("/api/v1/inference/results/{job_id}/{seq}/frame")
+}
+
+/// Where an evidence frame of a job is in `dir`.
+fn frame_path(dir: &Path, job_id: &str, seq: i64) -> PathBuf {
+    dir.join(job_id).join(format!("{seq}.jpg"))
+}
+
+impl Store {
+    /// Keeps evidence frames in `store` (the default keeps none).
+    pub fn with_evidence_store(mut self, store: EvidenceStore) -> Self {
+        self.evidence = Arc::new(store);
+        self
+    }
+
+    /// Inside the result's transaction: keeps its frame. In the database it commits with
+    /// the result; as a file it is written before the commit (a result that then fails to
+    /// commit leaves a file its seq's next result overwrites). True when it was kept.
+    pub(super) async fn keep_frame(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        job_id: &str,
+        seq: i64,
+        jpeg: &[u8],
+        created_at: f64,
+    ) -> Result<bool, StoreError> {
+        match &*self.evidence {
+            EvidenceStore::Off => Ok(false),
+            EvidenceStore::Database => {
+                sqlx::query(
+                    "INSERT INTO evidence (job_id, seq, created_at, jpeg) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (job_id, seq) DO UPDATE SET created_at = $3, jpeg = $4",
+                )
+                .bind(job_id)
+                .bind(seq)
+                .bind(created_at)
+                .bind(jpeg.to_vec())
+                .execute(&mut **tx)
+                .await?;
+                Ok(true)
+            }
+            EvidenceStore::Directory(dir) => {
+                let path = frame_path(dir, job_id, seq);
+                let written = async {
+                    if let Some(parent) = path.parent() {
+                        tokio::fs::create_dir_all(parent).await?;
+                    }
+                    // Written whole, then renamed: a reader never sees half a frame.
+                    let part = path.with_extension("jpg.part");
+                    tokio::fs::write(&part, jpeg).await?;
+                    tokio::fs::rename(&part, &path).await
+                }
+                .await;
+                match written {
+                    Ok(()) => Ok(true),
+                    Err(e) => {
+                        // The answer matters more than its picture: stored without it.
+                        tracing::warn!(job_id, seq, path = %path.display(), error = %e, "cannot write the evidence frame");
+                        Ok(false)
+                    }
+                }
+            }
+        }
+    }
+
+    /// The evidence frame of result `seq` of `job_id`, if it is kept and not expired.
+    pub async fn frame(&self, job_id: &str, seq: i64) -> Result<Option<Vec<u8>>, StoreError> {
+        let row = sqlx::query(
+            "SELECT r.evidence, j.evidence_kept_from FROM results r JOIN jobs j ON j.job_id = r.job_id \
+             WHERE r.job_id = $1 AND r.seq = $2",
+        )
+        .bind(job_id)
+        .bind(seq)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let (kept, from): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        if kept == 0 || seq < from {
+            return Ok(None);
+        }
+        match &*self.evidence {
+            EvidenceStore::Directory(dir) => {
+                match tokio::fs::read(frame_path(dir, job_id, seq)).await {
+                    Ok(bytes) => Ok(Some(bytes)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(StoreError::Corrupt(format!("evidence frame: {e}"))),
+                }
+            }
+            // Off now but kept earlier in the database: still served until it expires.
+            EvidenceStore::Database | EvidenceStore::Off => {
+                let row = sqlx::query("SELECT jpeg FROM evidence WHERE job_id = $1 AND seq = $2")
+                    .bind(job_id)
+                    .bind(seq)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.map(|r| r.try_get(0)).transpose()?)
+            }
+        }
+    }
+
+    /// One pass of retention: for each job, results and frames older than its retention (its
+    /// own, else the settings'), oldest first, at most `batch` rows a statement; then
+    /// finished jobs past JOB_RETENTION with everything they hold. `now` in Unix seconds.
+    pub async fn sweep(&self, r: &RetentionSettings, now: f64) -> Result<Swept, StoreError> {
+        let mut swept = Swept::default();
+        let batch = r.sweep_batch as i64;
+        let secs = |d: Option<std::time::Duration>| d.map(|d| d.as_secs() as i64);
+        let rows = sqlx::query(
+            "SELECT job_id, results_retention_s, evidence_retention_s, results_kept_from, evidence_kept_from, results_count FROM jobs",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for row in rows {
+            let job_id: String = row.try_get(0)?;
+            let count: i64 = row.try_get(5)?;
+            // A job's own 0 keeps for ever.
+            let own = |v: Option<i64>, default| match v {
+                Some(0) => None,
+                Some(s) => Some(s),
+                None => default,
+            };
+            let results_s = own(row.try_get(1)?, secs(r.results));
+            let frames_s = own(row.try_get(2)?, secs(r.evidence));
+            let (mut results_from, mut frames_from): (i64, i64) =
+                (row.try_get(3)?, row.try_get(4)?);
+            // Frames go with their results at the latest.
+            let frames_s = match (frames_s, results_s) {
+                (Some(f), Some(r)) => Some(f.min(r)),
+                (f, r) => f.or(r),
+            };
+            if let Some(s) = frames_s {
+                while frames_from < count {
+                    let upto = self
+                        .expired_upto(&job_id, frames_from, batch, now - s as f64)
+                        .await?;
+                    if upto == frames_from {
+                        break;
+                    }
+                    swept.frames += self.drop_frames(&job_id, frames_from, upto).await?;
+                    frames_from = upto;
+                }
+            }
+            if let Some(s) = results_s {
+                while results_from < count {
+                    let upto = self
+                        .expired_upto(&job_id, results_from, batch, now - s as f64)
+                        .await?;
+                    if upto == results_from {
+                        break;
+                    }
+                    let mut tx = self.begin_write().await?;
+                    let n = sqlx::query(
+                        "DELETE FROM results WHERE job_id = $1 AND seq >= $2 AND seq < $3",
+                    )
+                    .bind(&job_id)
+                    .bind(results_from)
+                    .bind(upto)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    sqlx::query("UPDATE jobs SET results_kept_from = CASE WHEN results_kept_from < $2 THEN $2 ELSE results_kept_from END WHERE job_id = $1")
+                        .bind(&job_id)
+                        .bind(upto)
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    swept.results += n;
+                    results_from = upto;
+                }
+            }
+        }
+        if let Some(d) = r.finished_jobs {
+            loop {
+                let old = sqlx::query(limited(
+                    "SELECT job_id FROM jobs WHERE status IN ('completed', 'failed', 'cancelled') \
+                     AND completed_at < $1 ORDER BY completed_at",
+                    batch.min(100),
+                ))
+                .bind(now - d.as_secs_f64())
+                .fetch_all(&self.pool)
+                .await?;
+                if old.is_empty() {
+                    break;
+                }
+                for row in old {
+                    let job_id: String = row.try_get(0)?;
+                    self.delete_job(&job_id, batch).await?;
+                    swept.jobs += 1;
+                }
+            }
+        }
+        Ok(swept)
+    }
+
+    /// The seq before which every result of `job_id` from `from` on (at most `batch` of them)
+    /// was created before `cutoff`: results are stored in seq order, so that is a prefix.
+    async fn expired_upto(
+        &self,
+        job_id: &str,
+        from: i64,
+        batch: i64,
+        cutoff: f64,
+    ) -> Result<i64, StoreError> {
+        let rows = sqlx::query(limited(
+            "SELECT seq, created_at FROM results WHERE job_id = $1 AND seq >= $2 ORDER BY seq",
+            batch,
+        ))
+        .bind(job_id)
+        .bind(from)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut upto = from;
+        for r in rows {
+            let (seq, at): (i64, f64) = (r.try_get(0)?, r.try_get(1)?);
+            if at >= cutoff {
+                break;
+            }
+            upto = seq + 1;
+        }
+        Ok(upto)
+    }
+
+    /// Deletes the frames of results `from..upto` and records that they are gone.
+    async fn drop_frames(&self, job_id: &str, from: i64, upto: i64) -> Result<u64, StoreError> {
+        let mut n = 0;
+        if let EvidenceStore::Directory(dir) = &*self.evidence {
+            for seq in from..upto {
+                if tokio::fs::remove_file(frame_path(dir, job_id, seq))
+                    .await
+                    .is_ok()
+                {
+                    n += 1;
+                }
+            }
+        }
+        let mut tx = self.begin_write().await?;
+        n += sqlx::query("DELETE FROM evidence WHERE job_id = $1 AND seq >= $2 AND seq < $3")
+            .bind(job_id)
+            .bind(from)
+            .bind(upto)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("UPDATE jobs SET evidence_kept_from = CASE WHEN evidence_kept_from < $2 THEN $2 ELSE evidence_kept_from END WHERE job_id = $1")
+            .bind(job_id)
+            .bind(upto)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// Deletes a finished job and everything it holds, results and frames in batches.
+    async fn delete_job(&self, job_id: &str, batch: i64) -> Result<(), StoreError> {
+        loop {
+            let mut tx = self.begin_write().await?;
+            let mut n = 0;
+            for table in ["results", "evidence"] {
+                let sql = format!(
+                    "DELETE FROM {table} WHERE job_id = $1 AND seq IN (SELECT seq FROM {table} WHERE job_id = $1 ORDER BY seq LIMIT {batch})"
+                );
+                n += sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(job_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+            tx.commit().await?;
+            if n == 0 {
+                break;
+            }
+        }
+        if let EvidenceStore::Directory(dir) = &*self.evidence {
+            let _ = tokio::fs::remove_dir_all(dir.join(job_id)).await;
+        }
+        let scope = format!("job:{job_id}");
+        let mut tx = self.begin_write().await?;
+        for sql in [
+            "DELETE FROM job_events WHERE job_id = $1",
+            "DELETE FROM webhook_deliveries WHERE job_id = $1",
+            "DELETE FROM jobs WHERE job_id = $1",
+        ] {
+            sqlx::query(sql).bind(job_id).execute(&mut *tx).await?;
+        }
+        for sql in [
+            "DELETE FROM prompt_versions WHERE scope_key = $1",
+            "DELETE FROM alert_versions WHERE scope_key = $1",
+        ] {
+            sqlx::query(sql).bind(&scope).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        tracing::info!(job_id, "finished job deleted by JOB_RETENTION");
+        Ok(())
+    }
+}

@@ -1,0 +1,278 @@
+//! Evidence and retention: every result keeps the frame the model was asked about (in the
+//! database or in a directory), served as JPEG with caching headers; retention deletes
+//! frames, results and finished jobs on time, per job where a job says so.
+
+use std::io::Cursor;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::fixtures::{make_hls, Container, ModelServer, Origin};
+use crate::helpers::{assert_error, pairs, Db, TestApp};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// Mean of every RGB sample of a JPEG, and its size.
+fn jpeg_brightness(jpeg: &[u8]) -> (f64, u32, u32) {
+    let img = image::ImageReader::new(Cursor::new(jpeg))
+        .with_guessed_format()
+        .unwrap()
+        .decode()
+        .expect("a decodable JPEG")
+        .to_rgb8();
+    let raw = img.as_raw();
+    let mean = raw.iter().map(|&b| f64::from(b)).sum::<f64>() / raw.len() as f64;
+    (mean, img.width(), img.height())
+}
+
+async fn frame(app: &TestApp, url: &str) -> reqwest::Response {
+    reqwest::get(app.url(url)).await.unwrap()
+}
+
+async fn vod_job(app: &TestApp, origin: &Origin, extra: Value) -> String {
+    let mut body = json!({"stream_ref": origin.url("vod/index.m3u8"), "fps": 2});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let id = app.start_job(body).await;
+    let done = app.wait_status(&id, &["completed", "failed"], LONG).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    id
+}
+
+/// Each result's frame is the picture its answer is about: the stand-in model answers with
+/// the brightness of the JPEG it got, and the kept frame shows the same brightness.
+async fn assert_frames_match_answers(app: &TestApp, results: &[Value]) {
+    for r in results {
+        let url = r["frame_url"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no frame_url: {r}"));
+        let resp = frame(app, url).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-type"], "image/jpeg");
+        let (mean, w, h) = jpeg_brightness(&resp.bytes().await.unwrap());
+        assert_eq!(
+            (w, h),
+            (640, 360),
+            "EVIDENCE_MAX_SIDE bounds the longest side"
+        );
+        let answer: Value = serde_json::from_str(r["output"].as_str().unwrap()).unwrap();
+        let seen = answer["brightness"].as_f64().unwrap();
+        assert!(
+            (mean - seen).abs() < 2.0,
+            "result {} kept a frame of brightness {mean:.1}; the model saw {seen:.1}",
+            r["seq"]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_result_keeps_the_frame_the_model_saw_in_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    make_hls(dir.path(), "vod", 4.0, 1280, 720, Container::Ts, 2.0);
+    let origin = Origin::start(dir.path()).await;
+    let model = ModelServer::start().await;
+    let env = model.env();
+    let app = TestApp::spawn_with(Db::Sqlite, &pairs(&env)).await;
+    let id = vod_job(&app, &origin, json!({})).await;
+    let results = app.all_results(&id).await;
+    assert_eq!(results.len(), 8);
+    // The ramp brightens by 30 luma a second: frames half a second apart differ clearly,
+    // so a frame kept for the wrong result would fail this.
+    assert_frames_match_answers(&app, &results).await;
+
+    // Caching: the frame never changes; a conditional request gets 304.
+    let url = results[3]["frame_url"].as_str().unwrap();
+    assert_eq!(url, format!("/api/v1/inference/results/{id}/3/frame"));
+    let first = frame(&app, url).await;
+    let etag = first.headers()["etag"].to_str().unwrap().to_owned();
+    assert!(first.headers()["cache-control"]
+        .to_str()
+        .unwrap()
+        .contains("immutable"));
+    let again = reqwest::Client::new()
+        .get(app.url(url))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
+
+    // Missing frames: a JSON 404 each.
+    for path in [
+        format!("/api/v1/inference/results/{id}/8/frame"),
+        format!("/api/v1/inference/results/{id}/-1/frame"),
+        "/api/v1/inference/results/no-such-job/0/frame".to_owned(),
+        "/api/v1/inference/results/bad%20id/0/frame".to_owned(),
+    ] {
+        assert_error(&app.get(&path).await, StatusCode::NOT_FOUND, "not_found");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evidence_off_keeps_no_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    make_hls(dir.path(), "vod", 2.0, 320, 180, Container::Ts, 1.0);
+    let origin = Origin::start(dir.path()).await;
+    let model = ModelServer::start().await;
+    let env = model.env();
+    let mut env = pairs(&env);
+    env.push(("EVIDENCE", "off"));
+    let app = TestApp::spawn_with(Db::Sqlite, &env).await;
+    let id = vod_job(&app, &origin, json!({})).await;
+    let results = app.all_results(&id).await;
+    assert_eq!(results.len(), 4);
+    assert!(results.iter().all(|r| r.get("frame_url").is_none()));
+    let reply = app
+        .get(&format!("/api/v1/inference/results/{id}/0/frame"))
+        .await;
+    assert_error(&reply, StatusCode::NOT_FOUND, "not_found");
+}
+
+/// Polls `done` every 200 ms for up to `within`.
+async fn until<F: std::future::Future<Output = bool>>(
+    within: Duration,
+    what: &str,
+    mut done: impl FnMut() -> F,
+) {
+    let deadline = std::time::Instant::now() + within;
+    while !done().await {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_in_a_directory_and_retention_per_job_on_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    make_hls(dir.path(), "vod", 4.0, 1280, 720, Container::Ts, 2.0);
+    let origin = Origin::start(dir.path()).await;
+    let model = ModelServer::start().await;
+    let frames_dir = dir.path().join("evidence");
+    let frames_dir_s = frames_dir.display().to_string();
+    let env = model.env();
+    let mut env = pairs(&env);
+    env.extend([
+        ("EVIDENCE", "directory"),
+        ("EVIDENCE_DIR", frames_dir_s.as_str()),
+        ("RETENTION_SWEEP_SECS", "1"),
+        ("RETENTION_SWEEP_BATCH", "3"),
+        ("RESULTS_RETENTION", "4s"),
+        ("EVIDENCE_RETENTION", "1h"),
+    ]);
+    let app = TestApp::spawn_with(Db::Postgres, &env).await;
+    // Frames go after 1 s, results after the global 4 s; the other job keeps both.
+    let short = vod_job(&app, &origin, json!({"retention": {"evidence": "1s"}})).await;
+    let kept = vod_job(
+        &app,
+        &origin,
+        json!({"retention": {"results": "off", "evidence": "off"}}),
+    )
+    .await;
+    let results = app.all_results(&kept).await;
+    assert_eq!(results.len(), 8);
+    assert_frames_match_answers(&app, &results).await;
+    let files = std::fs::read_dir(frames_dir.join(&kept)).unwrap().count();
+    assert_eq!(files, 8, "one file per result");
+
+    until(
+        Duration::from_secs(20),
+        "the short job's frames expire",
+        || async {
+            app.all_results(&short)
+                .await
+                .iter()
+                .all(|r| r.get("frame_url").is_none())
+        },
+    )
+    .await;
+    let gone = app
+        .get(&format!("/api/v1/inference/results/{short}/0/frame"))
+        .await;
+    assert_error(&gone, StatusCode::NOT_FOUND, "not_found");
+    assert!(
+        !frames_dir.join(&short).exists()
+            || std::fs::read_dir(frames_dir.join(&short)).unwrap().count() == 0,
+        "its files are deleted"
+    );
+    until(
+        Duration::from_secs(20),
+        "the short job's results expire",
+        || async { app.all_results(&short).await.is_empty() },
+    )
+    .await;
+    // Paging past deleted results still works, and the count says what was stored.
+    let page = app
+        .get(&format!("/api/v1/inference/results/{short}?after=2"))
+        .await
+        .body;
+    assert_eq!(page["results"], json!([]));
+    assert_eq!(page["total_results"], 8);
+
+    // The job that keeps its own still has everything.
+    let results = app.all_results(&kept).await;
+    assert_eq!(results.len(), 8);
+    assert_frames_match_answers(&app, &results).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_are_deleted_after_job_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    make_hls(dir.path(), "vod", 2.0, 320, 180, Container::Ts, 1.0);
+    let origin = Origin::start(dir.path()).await;
+    let model = ModelServer::start().await;
+    let env = model.env();
+    let mut env = pairs(&env);
+    env.extend([("RETENTION_SWEEP_SECS", "1"), ("JOB_RETENTION", "2s")]);
+    let app = TestApp::spawn_with(Db::Sqlite, &env).await;
+    let id = vod_job(&app, &origin, json!({"prompt": "own prompt"})).await;
+    until(
+        Duration::from_secs(20),
+        "the finished job is deleted",
+        || async {
+            app.get(&format!("/api/v1/inference/status/{id}"))
+                .await
+                .status
+                == StatusCode::NOT_FOUND
+        },
+    )
+    .await;
+    for path in [
+        format!("/api/v1/inference/results/{id}"),
+        format!("/api/v1/inference/results/{id}/0/frame"),
+    ] {
+        assert_error(&app.get(&path).await, StatusCode::NOT_FOUND, "not_found");
+    }
+    let history = app
+        .get(&format!("/api/v1/prompt/history?job_id={id}"))
+        .await;
+    assert!(
+        history.status == StatusCode::NOT_FOUND || history.body["versions"] == json!([]),
+        "its prompt versions are gone: {}",
+        history.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_values_are_checked() {
+    let app = TestApp::spawn(Db::Sqlite).await;
+    for bad in [
+        json!({"results": "soon"}),
+        json!({"evidence": "0s"}),
+        json!({"other": "1d"}),
+    ] {
+        let reply = app
+            .post(
+                "/api/v1/inference/start",
+                json!({"stream_ref": "https://example.com/a.m3u8", "retention": bad}),
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{bad}: {}",
+            reply.body
+        );
+    }
+}
