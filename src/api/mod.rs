@@ -170,6 +170,18 @@ impl utoipa::Modify for CommonErrors {
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Redoc's script, embedded (npm's redoc 2.5.4 bundle): `/redoc` loads nothing from a CDN.
+async fn redoc_script() -> impl axum::response::IntoResponse {
+    use axum::http::header;
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        include_str!("../../assets/vendor/redoc.standalone.js"),
+    )
+}
+
 /// The whole service's router.
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
@@ -225,7 +237,8 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .merge(probes)
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi.clone()))
-        .merge(Redoc::with_url("/redoc", openapi))
+        .merge(Redoc::with_url("/redoc", openapi).custom_html(include_str!("../../assets/redoc.html")))
+        .route("/redoc/redoc.standalone.js", get(redoc_script))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed("method not allowed on this route".into()) })
         .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::timeout))
