@@ -181,9 +181,24 @@ async fn openapi_covers_every_route_and_docs_are_served() {
     for page in ["/docs/", "/redoc"] {
         let r = app.send(app.client.get(app.url(page))).await;
         assert_eq!(r.status, StatusCode::OK, "{page}");
-        assert!(
-            r.body.as_str().unwrap().to_lowercase().contains("<html"),
-            "{page} is a page"
-        );
+        let html = r.body.as_str().unwrap().to_lowercase();
+        assert!(html.contains("<html"), "{page} is a page");
+        // Works offline: every script and stylesheet comes from this service.
+        for tag in ["<script", "<link"] {
+            for piece in html.split(tag).skip(1) {
+                let head = &piece[..piece.find('>').unwrap_or(piece.len())];
+                assert!(
+                    !head.contains("http://") && !head.contains("https://") && !head.contains("src=\"//"),
+                    "{page} loads {tag}{head}> from elsewhere"
+                );
+            }
+        }
     }
+    let script = reqwest::get(app.url("/redoc/redoc.standalone.js")).await.unwrap();
+    assert_eq!(script.status(), StatusCode::OK);
+    assert!(script.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/javascript"));
+    assert!(script.text().await.unwrap().contains("Redoc"));
 }
