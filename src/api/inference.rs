@@ -65,7 +65,7 @@ impl RetentionRequest {
             v.map(|v| {
                 crate::config::parse_retention(&v)
                     .map(|d| d.map_or(0, |d| d.as_secs() as i64))
-                    .map_err(|m| Invalid::new(field, &format!("retention.{field}: {m}")))
+                    .map_err(|m| Invalid::new(field, format!("retention.{field}: {m}")))
             })
             .transpose()
         };
