@@ -50,6 +50,13 @@ pub async fn sweep_forever(
     }
 }
 
+/// What retention deletes in a job, oldest first.
+#[derive(Debug, Clone, Copy)]
+enum Kept {
+    Results,
+    Frames,
+}
+
 /// Where the API serves the evidence frame of result `seq` of `job_id`.
 pub fn frame_url(job_id: &str, seq: i64) -> String {
     format!("/api/v1/inference/results/{job_id}/{seq}/frame")
@@ -175,52 +182,35 @@ impl Store {
             };
             let results_s = own(row.try_get(1)?, secs(r.results));
             let frames_s = own(row.try_get(2)?, secs(r.evidence));
-            let (mut results_from, mut frames_from): (i64, i64) =
-                (row.try_get(3)?, row.try_get(4)?);
+            let (results_from, frames_from): (i64, i64) = (row.try_get(3)?, row.try_get(4)?);
             // Frames go with their results at the latest.
             let frames_s = match (frames_s, results_s) {
                 (Some(f), Some(r)) => Some(f.min(r)),
                 (f, r) => f.or(r),
             };
             if let Some(s) = frames_s {
-                while frames_from < count {
-                    let upto = self
-                        .expired_upto(&job_id, frames_from, batch, now - s as f64)
-                        .await?;
-                    if upto == frames_from {
-                        break;
-                    }
-                    swept.frames += self.drop_frames(&job_id, frames_from, upto).await?;
-                    frames_from = upto;
-                }
+                swept.frames += self
+                    .sweep_prefix(
+                        Kept::Frames,
+                        &job_id,
+                        frames_from,
+                        count,
+                        batch,
+                        now - s as f64,
+                    )
+                    .await?;
             }
             if let Some(s) = results_s {
-                while results_from < count {
-                    let upto = self
-                        .expired_upto(&job_id, results_from, batch, now - s as f64)
-                        .await?;
-                    if upto == results_from {
-                        break;
-                    }
-                    let mut tx = self.begin_write().await?;
-                    let n = sqlx::query(
-                        "DELETE FROM results WHERE job_id = $1 AND seq >= $2 AND seq < $3",
+                swept.results += self
+                    .sweep_prefix(
+                        Kept::Results,
+                        &job_id,
+                        results_from,
+                        count,
+                        batch,
+                        now - s as f64,
                     )
-                    .bind(&job_id)
-                    .bind(results_from)
-                    .bind(upto)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                    sqlx::query("UPDATE jobs SET results_kept_from = CASE WHEN results_kept_from < $2 THEN $2 ELSE results_kept_from END WHERE job_id = $1")
-                        .bind(&job_id)
-                        .bind(upto)
-                        .execute(&mut *tx)
-                        .await?;
-                    tx.commit().await?;
-                    swept.results += n;
-                    results_from = upto;
-                }
+                    .await?;
             }
         }
         if let Some(d) = r.finished_jobs {
@@ -274,33 +264,60 @@ impl Store {
         Ok(upto)
     }
 
-    /// Deletes the frames of results `from..upto` and records that they are gone.
-    async fn drop_frames(&self, job_id: &str, from: i64, upto: i64) -> Result<u64, StoreError> {
+    /// Deletes the job's `kind` rows from `from` on that were created before `cutoff` (a
+    /// prefix in seq order, below `count`), `batch` at a time, each batch in its own short
+    /// transaction that also moves the job's kept-from mark. Returns how many went.
+    async fn sweep_prefix(
+        &self,
+        kind: Kept,
+        job_id: &str,
+        mut from: i64,
+        count: i64,
+        batch: i64,
+        cutoff: f64,
+    ) -> Result<u64, StoreError> {
+        let (table, mark) = match kind {
+            Kept::Results => ("results", "results_kept_from"),
+            Kept::Frames => ("evidence", "evidence_kept_from"),
+        };
         let mut n = 0;
-        if let EvidenceStore::Directory(dir) = &*self.evidence {
-            for seq in from..upto {
-                if tokio::fs::remove_file(frame_path(dir, job_id, seq))
-                    .await
-                    .is_ok()
-                {
-                    n += 1;
+        while from < count {
+            let upto = self.expired_upto(job_id, from, batch, cutoff).await?;
+            if upto == from {
+                break;
+            }
+            if let (Kept::Frames, EvidenceStore::Directory(dir)) = (kind, &*self.evidence) {
+                for seq in from..upto {
+                    if tokio::fs::remove_file(frame_path(dir, job_id, seq))
+                        .await
+                        .is_ok()
+                    {
+                        n += 1;
+                    }
                 }
             }
+            let mut tx = self.begin_write().await?;
+            let delete =
+                format!("DELETE FROM {table} WHERE job_id = $1 AND seq >= $2 AND seq < $3");
+            n += sqlx::query(sqlx::AssertSqlSafe(delete))
+                .bind(job_id)
+                .bind(from)
+                .bind(upto)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            // Only forward: replicas sweeping at once agree.
+            let mark = format!(
+                "UPDATE jobs SET {mark} = CASE WHEN {mark} < $2 THEN $2 ELSE {mark} END WHERE job_id = $1"
+            );
+            sqlx::query(sqlx::AssertSqlSafe(mark))
+                .bind(job_id)
+                .bind(upto)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            from = upto;
         }
-        let mut tx = self.begin_write().await?;
-        n += sqlx::query("DELETE FROM evidence WHERE job_id = $1 AND seq >= $2 AND seq < $3")
-            .bind(job_id)
-            .bind(from)
-            .bind(upto)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        sqlx::query("UPDATE jobs SET evidence_kept_from = CASE WHEN evidence_kept_from < $2 THEN $2 ELSE evidence_kept_from END WHERE job_id = $1")
-            .bind(job_id)
-            .bind(upto)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
         Ok(n)
     }
 

@@ -30,6 +30,33 @@ async fn frame(app: &TestApp, url: &str) -> reqwest::Response {
     reqwest::get(app.url(url)).await.unwrap()
 }
 
+/// A VOD stream of `seconds` at `width`x`height` on a loopback origin, the stand-in model,
+/// and the service on `db` with `env` (beside the model's settings).
+async fn rig(
+    seconds: f64,
+    (width, height): (u32, u32),
+    db: Db,
+    env: &[(&str, &str)],
+) -> (tempfile::TempDir, Origin, ModelServer, TestApp) {
+    let dir = tempfile::tempdir().unwrap();
+    make_hls(
+        dir.path(),
+        "vod",
+        seconds,
+        width,
+        height,
+        Container::Ts,
+        2.0,
+    );
+    let origin = Origin::start(dir.path()).await;
+    let model = ModelServer::start().await;
+    let owned = model.env();
+    let mut all = pairs(&owned);
+    all.extend_from_slice(env);
+    let app = TestApp::spawn_with(db, &all).await;
+    (dir, origin, model, app)
+}
+
 async fn vod_job(app: &TestApp, origin: &Origin, extra: Value) -> String {
     let mut body = json!({"stream_ref": origin.url("vod/index.m3u8"), "fps": 2});
     for (k, v) in extra.as_object().unwrap() {
@@ -69,12 +96,7 @@ async fn assert_frames_match_answers(app: &TestApp, results: &[Value]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_result_keeps_the_frame_the_model_saw_in_the_database() {
-    let dir = tempfile::tempdir().unwrap();
-    make_hls(dir.path(), "vod", 4.0, 1280, 720, Container::Ts, 2.0);
-    let origin = Origin::start(dir.path()).await;
-    let model = ModelServer::start().await;
-    let env = model.env();
-    let app = TestApp::spawn_with(Db::Sqlite, &pairs(&env)).await;
+    let (_dir, origin, _model, app) = rig(4.0, (1280, 720), Db::Sqlite, &[]).await;
     let id = vod_job(&app, &origin, json!({})).await;
     let results = app.all_results(&id).await;
     assert_eq!(results.len(), 8);
@@ -112,14 +134,8 @@ async fn each_result_keeps_the_frame_the_model_saw_in_the_database() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evidence_off_keeps_no_frame() {
-    let dir = tempfile::tempdir().unwrap();
-    make_hls(dir.path(), "vod", 2.0, 320, 180, Container::Ts, 1.0);
-    let origin = Origin::start(dir.path()).await;
-    let model = ModelServer::start().await;
-    let env = model.env();
-    let mut env = pairs(&env);
-    env.push(("EVIDENCE", "off"));
-    let app = TestApp::spawn_with(Db::Sqlite, &env).await;
+    let env = [("EVIDENCE", "off")];
+    let (_dir, origin, _model, app) = rig(2.0, (320, 180), Db::Sqlite, &env).await;
     let id = vod_job(&app, &origin, json!({})).await;
     let results = app.all_results(&id).await;
     assert_eq!(results.len(), 4);
@@ -145,23 +161,18 @@ async fn until<F: std::future::Future<Output = bool>>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_in_a_directory_and_retention_per_job_on_postgres() {
-    let dir = tempfile::tempdir().unwrap();
-    make_hls(dir.path(), "vod", 4.0, 1280, 720, Container::Ts, 2.0);
-    let origin = Origin::start(dir.path()).await;
-    let model = ModelServer::start().await;
-    let frames_dir = dir.path().join("evidence");
+    let frames = tempfile::tempdir().unwrap();
+    let frames_dir = frames.path().to_owned();
     let frames_dir_s = frames_dir.display().to_string();
-    let env = model.env();
-    let mut env = pairs(&env);
-    env.extend([
+    let env = [
         ("EVIDENCE", "directory"),
         ("EVIDENCE_DIR", frames_dir_s.as_str()),
         ("RETENTION_SWEEP_SECS", "1"),
         ("RETENTION_SWEEP_BATCH", "3"),
         ("RESULTS_RETENTION", "4s"),
         ("EVIDENCE_RETENTION", "1h"),
-    ]);
-    let app = TestApp::spawn_with(Db::Postgres, &env).await;
+    ];
+    let (_dir, origin, _model, app) = rig(4.0, (1280, 720), Db::Postgres, &env).await;
     // Frames go after 1 s, results after the global 4 s; the other job keeps both.
     let short = vod_job(&app, &origin, json!({"retention": {"evidence": "1s"}})).await;
     let kept = vod_job(
@@ -218,14 +229,8 @@ async fn frames_in_a_directory_and_retention_per_job_on_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_jobs_are_deleted_after_job_retention() {
-    let dir = tempfile::tempdir().unwrap();
-    make_hls(dir.path(), "vod", 2.0, 320, 180, Container::Ts, 1.0);
-    let origin = Origin::start(dir.path()).await;
-    let model = ModelServer::start().await;
-    let env = model.env();
-    let mut env = pairs(&env);
-    env.extend([("RETENTION_SWEEP_SECS", "1"), ("JOB_RETENTION", "2s")]);
-    let app = TestApp::spawn_with(Db::Sqlite, &env).await;
+    let env = [("RETENTION_SWEEP_SECS", "1"), ("JOB_RETENTION", "2s")];
+    let (_dir, origin, _model, app) = rig(2.0, (320, 180), Db::Sqlite, &env).await;
     let id = vod_job(&app, &origin, json!({"prompt": "own prompt"})).await;
     until(
         Duration::from_secs(20),

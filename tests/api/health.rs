@@ -188,13 +188,17 @@ async fn openapi_covers_every_route_and_docs_are_served() {
             for piece in html.split(tag).skip(1) {
                 let head = &piece[..piece.find('>').unwrap_or(piece.len())];
                 assert!(
-                    !head.contains("http://") && !head.contains("https://") && !head.contains("src=\"//"),
+                    !head.contains("http://")
+                        && !head.contains("https://")
+                        && !head.contains("src=\"//"),
                     "{page} loads {tag}{head}> from elsewhere"
                 );
             }
         }
     }
-    let script = reqwest::get(app.url("/redoc/redoc.standalone.js")).await.unwrap();
+    let script = reqwest::get(app.url("/redoc/redoc.standalone.js"))
+        .await
+        .unwrap();
     assert_eq!(script.status(), StatusCode::OK);
     assert!(script.headers()["content-type"]
         .to_str()
