@@ -81,6 +81,9 @@ pub enum Source {
     Hls(Url),
     /// A Redis stream: the server URL (without the key) and the stream key.
     Redis { server: Url, key: String },
+    /// The evidence frames of results `from..=to` of another job, asked about again
+    /// (`POST /api/v1/inference/replay`; never a `start` form).
+    Replay { job_id: String, from: i64, to: i64 },
 }
 
 impl Source {
@@ -88,6 +91,7 @@ impl Source {
         match self {
             Source::Hls(_) => SourceType::Hls,
             Source::Redis { .. } => SourceType::Redis,
+            Source::Replay { .. } => SourceType::Replay,
         }
     }
 }
@@ -97,6 +101,7 @@ impl Source {
 pub enum SourceType {
     Hls,
     Redis,
+    Replay,
 }
 
 impl SourceType {
@@ -104,6 +109,7 @@ impl SourceType {
         match self {
             SourceType::Hls => "hls",
             SourceType::Redis => "redis",
+            SourceType::Replay => "replay",
         }
     }
 }
@@ -169,6 +175,34 @@ impl StreamRef {
             raw: raw.to_owned(),
             source,
         })
+    }
+
+    /// A replay of results `from..=to` of `job_id` (stored as `replay://<job_id>/<from>-<to>`).
+    pub fn replay(job_id: &JobId, from: i64, to: i64) -> Self {
+        Self {
+            raw: format!("replay://{job_id}/{from}-{to}"),
+            source: Source::Replay {
+                job_id: job_id.to_string(),
+                from,
+                to,
+            },
+        }
+    }
+
+    /// A stored job's reference: what [`StreamRef::parse`] takes, or a replay's.
+    pub fn parse_stored(raw: &str, redis_host: &str, redis_port: u16) -> Result<Self, Invalid> {
+        let Some(rest) = raw.strip_prefix("replay://") else {
+            return Self::parse(raw, redis_host, redis_port);
+        };
+        let bad = || Invalid::new("stream_ref", format!("not a replay reference: {raw}"));
+        let (job, range) = rest.rsplit_once('/').ok_or_else(bad)?;
+        let (from, to) = range.split_once('-').ok_or_else(bad)?;
+        let job = JobId::parse(job).map_err(|_| bad())?;
+        Ok(Self::replay(
+            &job,
+            from.parse().map_err(|_| bad())?,
+            to.parse().map_err(|_| bad())?,
+        ))
     }
 
     /// `redis://host:port/db/key` or `redis://host:port/key`: the last path segment is the key.

@@ -1,4 +1,4 @@
--- The frame behind each answer (issue 12), and retention.
+-- The frame behind each answer (issue 12), replays of it, and retention.
 
 -- The JPEG the model was asked about, bounded by EVIDENCE_MAX_SIDE, when EVIDENCE=database.
 CREATE TABLE evidence (
@@ -11,6 +11,10 @@ CREATE TABLE evidence (
 
 -- 1 when the result's frame was kept (in the database or EVIDENCE_DIR).
 ALTER TABLE results ADD COLUMN evidence BIGINT NOT NULL DEFAULT 0;
+
+-- A replay's result: the job and seq of the result whose frame it asked about again.
+ALTER TABLE results ADD COLUMN replay_job TEXT;
+ALTER TABLE results ADD COLUMN replay_seq BIGINT;
 
 -- Per-job retention in seconds (NULL: RESULTS_RETENTION / EVIDENCE_RETENTION).
 ALTER TABLE jobs ADD COLUMN results_retention_s BIGINT;

@@ -241,6 +241,33 @@ pub struct ResultView {
     /// EVIDENCE_RETENTION).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub frame_url: Option<String>,
+    /// A replay's result: the result whose frame was asked about again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay_of: Option<ReplayOf>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReplayOf {
+    pub job_id: String,
+    pub seq: i64,
+}
+
+/// Body of `POST /api/v1/inference/replay`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayRequest {
+    /// The job whose stored frames are asked about again.
+    pub job_id: String,
+    /// First and last result (inclusive) whose frames are replayed; at most MAX_REPLAY_FRAMES.
+    pub from_seq: i64,
+    pub to_seq: i64,
+    /// The new job's own prompt.
+    #[schema(max_length = 8192)]
+    pub prompt: String,
+    /// Model to use; the configured default when absent.
+    pub model: Option<String>,
+    /// The new job's id (as `start` takes it); a new UUID when absent.
+    pub replay_job_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -413,10 +440,10 @@ pub(super) async fn job_view(
         frames_processed: job.frames_processed,
         results_count: job.results_count,
         error: job.error,
-        source_type: if job.source_type == "redis" {
-            SourceType::Redis
-        } else {
-            SourceType::Hls
+        source_type: match job.source_type.as_str() {
+            "redis" => SourceType::Redis,
+            "replay" => SourceType::Replay,
+            _ => SourceType::Hls,
         },
         model: job
             .model
@@ -434,6 +461,10 @@ pub(super) fn result_view(job_id: &str, r: &ResultRecord, frames_from: i64) -> R
     ResultView {
         frame_url: (r.evidence && r.seq >= frames_from)
             .then(|| crate::store::frame_url(job_id, r.seq)),
+        replay_of: r.replay_of.as_ref().map(|(job_id, seq)| ReplayOf {
+            job_id: job_id.clone(),
+            seq: *seq,
+        }),
         seq: r.seq,
         pts_ms: r.pts_ms,
         prompt_version: r.prompt_version,
@@ -467,6 +498,15 @@ pub async fn start(
     Json(body): Json<StartRequest>,
 ) -> Result<(StatusCode, Json<StartResponse>), ApiError> {
     let req = body.into_job(&state)?;
+    admit(&state, req, "Inference job started").await
+}
+
+/// Admits a job and answers 202 with `message`, or says why it was refused.
+async fn admit(
+    state: &AppState,
+    req: StartJob,
+    message: &str,
+) -> Result<(StatusCode, Json<StartResponse>), ApiError> {
     let job = state.jobs.start(req).await.map_err(|e| match e {
         StartError::Conflict(_) => ApiError::Conflict(e.to_string()),
         StartError::AtCapacity { .. } => ApiError::TooManyRequests {
@@ -481,9 +521,83 @@ pub async fn start(
         Json(StartResponse {
             job_id: job.job_id,
             status: job.status,
-            message: "Inference job started".to_owned(),
+            message: message.to_owned(),
         }),
     ))
+}
+
+/// Ask the model again about stored evidence frames of a job, with a new prompt: a new job
+/// (its `stream_ref` is `replay://<job_id>/<from>-<to>`) whose results name the originals
+/// in `replay_of`, at their original `pts_ms`. Compare prompts on the same frames.
+#[utoipa::path(post, path = "/api/v1/inference/replay", tag = "inference",
+    request_body = ReplayRequest,
+    responses(
+        (status = 202, description = "Replay job accepted", body = StartResponse),
+        (status = 404, description = "Unknown job", body = ErrorBody),
+        (status = 409, description = "replay_job_id already taken", body = ErrorBody),
+        (status = 422, description = "Range empty, past the job's results, or over MAX_REPLAY_FRAMES; invalid prompt", body = ErrorBody),
+    ))]
+pub async fn replay(
+    State(state): State<AppState>,
+    Json(body): Json<ReplayRequest>,
+) -> Result<(StatusCode, Json<StartResponse>), ApiError> {
+    let settings = &state.settings;
+    let source = JobId::parse(&body.job_id).map_err(ApiError::from)?;
+    let job = state
+        .store
+        .job_brief(source.as_str())
+        .await?
+        .ok_or_else(|| ApiError::job_not_found(source.as_str()))?;
+    let max = settings.evidence.max_replay_frames;
+    let (from, to) = (body.from_seq, body.to_seq);
+    if from < 0 || to < from {
+        return Err(Invalid::new(
+            "to_seq",
+            "from_seq must be 0 or more and to_seq at least from_seq",
+        )
+        .into());
+    }
+    if to - from + 1 > max {
+        return Err(Invalid::new(
+            "to_seq",
+            format!(
+                "a replay covers at most {max} frames (MAX_REPLAY_FRAMES); this asks for {}",
+                to - from + 1
+            ),
+        )
+        .into());
+    }
+    if to >= job.results_count {
+        return Err(Invalid::new(
+            "to_seq",
+            format!(
+                "job {} has {} results (seqs 0 to {})",
+                source,
+                job.results_count,
+                job.results_count - 1
+            ),
+        )
+        .into());
+    }
+    let prompt = PromptText::parse(&body.prompt, settings.max_prompt_bytes)?;
+    let req = StartJob {
+        job_id: body
+            .replay_job_id
+            .as_deref()
+            .map(JobId::parse)
+            .transpose()?,
+        stream_ref: crate::domain::StreamRef::replay(&source, from, to),
+        prompt: Some(prompt),
+        response_format: None,
+        alerts: None,
+        fps: Fps::parse(settings.default_fps)?,
+        model: body.model,
+        priority: Default::default(),
+        from_beginning: true,
+        webhook: None,
+        retention: Default::default(),
+    };
+    admit(&state, req, "Replay job started").await
 }
 
 /// A job's status, counters and current prompt.

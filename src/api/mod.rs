@@ -75,7 +75,7 @@ pub struct Shared {
     info(title = "free-roam", description = "Watches video streams with vision-language models. \
         Compatible with the Free-Roam inference service's API."),
     paths(
-        inference::start, inference::status, inference::results, inference::frame, stream::results_stream, inference::cancel, inference::list,
+        inference::start, inference::replay, inference::status, inference::results, inference::frame, stream::results_stream, inference::cancel, inference::list,
         stream::events_stream, webhooks::list, webhooks::resend,
         prompt::update, prompt::current, prompt::history,
         alerts::update, alerts::current, alerts::history, alerts::events,
@@ -187,6 +187,7 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/api/v1/inference/start", post(inference::start))
         .route("/api/v1/inference/status/{job_id}", get(inference::status))
+        .route("/api/v1/inference/replay", post(inference::replay))
         .route(
             "/api/v1/inference/results/{job_id}",
             get(inference::results),

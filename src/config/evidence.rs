@@ -26,6 +26,8 @@ pub struct EvidenceSettings {
     /// Longest side of a kept frame, in pixels.
     pub max_side: u32,
     pub jpeg_quality: u8,
+    /// Most frames one replay may cover.
+    pub max_replay_frames: i64,
 }
 
 /// How long things are kept; `None` keeps them for ever.
@@ -81,6 +83,11 @@ impl Source {
                 "EVIDENCE_JPEG_QUALITY",
                 "a whole number from 1 to 100",
                 |v: &u8| (1..=100).contains(v),
+            )?,
+            max_replay_frames: self.ranged(
+                "MAX_REPLAY_FRAMES",
+                "a whole number from 1 to 100000",
+                |v: &i64| (1..=100_000).contains(v),
             )?,
         })
     }

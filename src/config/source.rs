@@ -96,7 +96,7 @@ impl Source {
             .map_err(|e| invalid(e.message.replace("stream_ref", "RESULTS_STREAM")))?;
         match parsed.source() {
             crate::domain::Source::Redis { server, key } => Ok(Some((server.clone(), key.clone()))),
-            crate::domain::Source::Hls(_) => Err(invalid(
+            crate::domain::Source::Hls(_) | crate::domain::Source::Replay { .. } => Err(invalid(
                 "expected a Redis stream key or redis://host:port[/db]/key".into(),
             )),
         }

@@ -81,6 +81,7 @@ variables! {
     "EVIDENCE_DIR" = "" : "Directory of evidence frames when EVIDENCE=directory.";
     "EVIDENCE_MAX_SIDE" = "640" : "Evidence frames are scaled down so neither side exceeds this many pixels.";
     "EVIDENCE_JPEG_QUALITY" = "80" : "JPEG quality (1-100) of evidence frames.";
+    "MAX_REPLAY_FRAMES" = "1000" : "Most stored frames one replay (POST /api/v1/inference/replay) asks the model about again.";
     "RESULTS_RETENTION" = "7d" : "Results older than this are deleted (a duration such as 7d, 24h, 90m; off keeps them). A job may set its own at start.";
     "EVIDENCE_RETENTION" = "24h" : "Evidence frames older than this are deleted (off keeps them). A job may set its own at start.";
     "JOB_RETENTION" = "30d" : "Finished jobs (completed, failed, cancelled) are deleted with everything they hold this long after they finished (off keeps them).";

@@ -420,7 +420,7 @@ impl Inner {
                     .await
             }
         };
-        let source = match StreamRef::parse(
+        let source = match StreamRef::parse_stored(
             &job.stream_ref,
             &self.settings.redis_host,
             self.settings.redis_port,

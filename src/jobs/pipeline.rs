@@ -56,12 +56,34 @@ pub struct Progress {
     pub sampler: Option<Sampler>,
 }
 
+/// Where a sampled frame came from: what makes its result recognisable when work is
+/// repeated (`results.source_key`), and what is acknowledged once it is stored.
+#[derive(Debug, Clone)]
+enum Whence {
+    /// Video: its presentation time.
+    Media,
+    /// A Redis entry, acknowledged after its result is stored.
+    Entry(String),
+    /// The evidence frame of result `seq` of job `job` (a replay).
+    Replay { job: Arc<str>, seq: i64 },
+}
+
+impl Whence {
+    fn source_key(&self, pts_ms: i64) -> String {
+        match self {
+            Whence::Media => format!("pts:{pts_ms}"),
+            Whence::Entry(id) => format!("redis:{id}"),
+            Whence::Replay { seq, .. } => format!("replay:{seq}"),
+        }
+    }
+}
+
 /// What the writer receives, in sampling order.
 enum Pending {
     Frame {
         pts_ms: i64,
         reply: oneshot::Receiver<Done>,
-        ack: Option<String>,
+        from: Whence,
         /// The frame to keep beside the answer (never sent to the model).
         evidence: Option<Vec<u8>>,
     },
@@ -123,6 +145,11 @@ impl Pipeline {
                 }
                 Err(e) => return Outcome::Failed(format!("invalid Redis stream reference: {e}")),
             },
+            Source::Replay { job_id, from, to } => (
+                None,
+                self.replay(job_id.into(), from, to, &lane, pending_tx)
+                    .boxed(),
+            ),
         };
         // Percentiles go on from the results an earlier run stored.
         let latency = match self
@@ -261,12 +288,18 @@ impl Pipeline {
                             for shaped in out.frames {
                                 let sent = match shaped {
                                     Ok(frame) => {
-                                        self.submit(lane, frame, None, &pending, &stop).await
+                                        self.submit(lane, frame, Whence::Media, &pending, &stop)
+                                            .await
                                     }
                                     Err(unshaped) => {
                                         tracing::warn!(job_id = %self.job_id, pts_ms = unshaped.pts_ms, why = %unshaped.why, "sampled frame not usable");
-                                        self.refuse(unshaped.pts_ms, unshaped.why, None, &pending)
-                                            .await
+                                        self.refuse(
+                                            unshaped.pts_ms,
+                                            unshaped.why,
+                                            Whence::Media,
+                                            &pending,
+                                        )
+                                        .await
                                     }
                                 };
                                 if !sent {
@@ -372,7 +405,7 @@ impl Pipeline {
                 Ok(frame) => {
                     Stats::add(&self.stats.frames_sampled, 1);
                     if !self
-                        .submit(lane, frame, Some(entry.id), &pending, &stop)
+                        .submit(lane, frame, Whence::Entry(entry.id), &pending, &stop)
                         .await
                     {
                         break;
@@ -391,7 +424,10 @@ impl Pipeline {
                     Stats::add(&self.stats.entries_invalid, 1);
                     tracing::warn!(job_id = %self.job_id, id = %entry.id, %why, "entry frame not usable");
                     let why = format!("entry {}: {why}", entry.id);
-                    if !self.refuse(ts, why, Some(entry.id), &pending).await {
+                    if !self
+                        .refuse(ts, why, Whence::Entry(entry.id), &pending)
+                        .await
+                    {
                         break;
                     }
                 }
@@ -403,13 +439,76 @@ impl Pipeline {
         Outcome::Stopped
     }
 
+    /// Asks again about the evidence frames of results `from..=to` of `job`, in order, each
+    /// at its original `pts_ms`. Results are stored in order, one per frame, so a resumed
+    /// replay starts after the ones it has.
+    async fn replay(
+        &self,
+        job: Arc<str>,
+        from: i64,
+        to: i64,
+        lane: &LaneHandle<Work>,
+        pending: mpsc::Sender<Pending>,
+    ) -> Outcome {
+        let stop = self.cancel.child_token();
+        let mut shaper = Some(Shaper::new(self.spec).with_evidence(self.evidence));
+        let max_pixels = self.settings.pipeline.max_frame_pixels;
+        for seq in from + self.job.results_count..=to {
+            if stop.is_cancelled() {
+                return Outcome::Stopped;
+            }
+            let whence = Whence::Replay {
+                job: job.clone(),
+                seq,
+            };
+            let (pts_ms, jpeg) = match self.store.replay_frame(&job, seq).await {
+                Ok(Some((pts, Some(jpeg)))) => (pts, jpeg),
+                Ok(Some((pts, None))) => {
+                    let why = format!("result {seq} of job {job} has no frame kept (EVIDENCE off then, or expired)");
+                    if !self.refuse(pts, why, whence, &pending).await {
+                        return Outcome::Stopped;
+                    }
+                    continue;
+                }
+                Ok(None) => {
+                    let why = format!("job {job} has no result {seq} (deleted by retention?)");
+                    if !self.refuse(0, why, whence, &pending).await {
+                        return Outcome::Stopped;
+                    }
+                    continue;
+                }
+                Err(e) => return Outcome::Failed(format!("cannot read the frames to replay: {e}")),
+            };
+            Stats::add(&self.stats.frames_sampled, 1);
+            let Some(mut sh) = shaper.take() else { break };
+            let shaped = tokio::task::spawn_blocking(move || {
+                let frame = Still::probe(&jpeg, max_pixels).and_then(|s| s.shape(&mut sh, pts_ms));
+                (frame, sh)
+            })
+            .await;
+            let Ok((frame, sh)) = shaped else {
+                return Outcome::Failed("the frame shaper crashed".into());
+            };
+            shaper = Some(sh);
+            let sent = match frame {
+                Ok(frame) => self.submit(lane, frame, whence, &pending, &stop).await,
+                Err(why) => self.refuse(pts_ms, why, whence, &pending).await,
+            };
+            if !sent {
+                return Outcome::Stopped;
+            }
+        }
+        drop(pending);
+        Outcome::Completed
+    }
+
     /// Gives a sampled frame that never reached the model its error result, in its place in
     /// the order (batch size 0); false once the writer is gone.
     async fn refuse(
         &self,
         pts_ms: i64,
         why: String,
-        ack: Option<String>,
+        from: Whence,
         pending: &mpsc::Sender<Pending>,
     ) -> bool {
         let (tx, rx) = oneshot::channel();
@@ -418,7 +517,7 @@ impl Pipeline {
             .send(Pending::Frame {
                 pts_ms,
                 reply: rx,
-                ack,
+                from,
                 evidence: None,
             })
             .await
@@ -431,7 +530,7 @@ impl Pipeline {
         &self,
         lane: &LaneHandle<Work>,
         mut frame: Frame,
-        ack: Option<String>,
+        from: Whence,
         pending: &mpsc::Sender<Pending>,
         stop: &CancellationToken,
     ) -> bool {
@@ -453,7 +552,7 @@ impl Pipeline {
         }
         tokio::select! {
             _ = stop.cancelled() => false,
-            r = pending.send(Pending::Frame { pts_ms, reply: rx, ack, evidence }) => r.is_ok(),
+            r = pending.send(Pending::Frame { pts_ms, reply: rx, from, evidence }) => r.is_ok(),
         }
     }
 }
@@ -490,7 +589,7 @@ impl Writer {
                 Pending::Frame {
                     pts_ms,
                     reply,
-                    ack,
+                    from,
                     evidence,
                 } => {
                     let done = tokio::select! {
@@ -510,9 +609,10 @@ impl Writer {
                     let result = NewResult {
                         // Where in the source this frame came from: what makes a result
                         // repeated after a crash or a takeover recognisable.
-                        source_key: match &ack {
-                            Some(id) => format!("redis:{id}"),
-                            None => format!("pts:{pts_ms}"),
+                        source_key: from.source_key(pts_ms),
+                        replay_of: match &from {
+                            Whence::Replay { job, seq } => Some((job.to_string(), *seq)),
+                            _ => None,
                         },
                         pts_ms,
                         prompt_scope: done.prompt_scope,
@@ -569,7 +669,7 @@ impl Writer {
                         Some(Appended::Duplicate) => {}
                         None => return,
                     }
-                    if let (Some(acker), Some(id)) = (&self.acker, ack) {
+                    if let (Some(acker), Whence::Entry(id)) = (&self.acker, from) {
                         if !acker.ack(&id, &self.cancel).await {
                             return;
                         }

@@ -124,6 +124,22 @@ impl Store {
         }
     }
 
+    /// The `pts_ms` of result `seq` of `job_id` and its evidence frame (none when not kept or
+    /// expired); `None` when there is no such result (never stored, or deleted).
+    pub async fn replay_frame(
+        &self,
+        job_id: &str,
+        seq: i64,
+    ) -> Result<Option<(i64, Option<Vec<u8>>)>, StoreError> {
+        let row = sqlx::query("SELECT pts_ms FROM results WHERE job_id = $1 AND seq = $2")
+            .bind(job_id)
+            .bind(seq)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(Some((row.try_get(0)?, self.frame(job_id, seq).await?)))
+    }
+
     /// The evidence frame of result `seq` of `job_id`, if it is kept and not expired.
     pub async fn frame(&self, job_id: &str, seq: i64) -> Result<Option<Vec<u8>>, StoreError> {
         let row = sqlx::query(

@@ -209,6 +209,8 @@ pub struct ResultRecord {
     pub alerts: Vec<AlertAnswer>,
     /// Whether the frame the model was asked about was kept (EVIDENCE).
     pub evidence: bool,
+    /// A replay's result: the job and seq of the result it asked about again.
+    pub replay_of: Option<(String, i64)>,
     /// The row as the API encodes it (JSON), kept with the cached row by the first stream
     /// that encodes it: a thousand result streams on one job encode each result once.
     pub encoded: std::sync::OnceLock<String>,
@@ -232,6 +234,8 @@ pub struct NewResult {
     pub alerts: Option<(Arc<AlertSetVersion>, Vec<AlertAnswer>)>,
     /// The frame the model was asked about, as a JPEG to keep (EVIDENCE), if kept.
     pub evidence: Option<Vec<u8>>,
+    /// A replay's result: the job and seq of the result whose frame was asked about again.
+    pub replay_of: Option<(String, i64)>,
 }
 
 /// What storing a result did.

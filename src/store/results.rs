@@ -56,8 +56,8 @@ impl Store {
         let keeps =
             result.evidence.is_some() && *self.evidence != crate::config::EvidenceStore::Off;
         let inserted = sqlx::query(
-            "INSERT INTO results (job_id, seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, source_key, output_format, alerts, evidence) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+            "INSERT INTO results (job_id, seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, source_key, output_format, alerts, evidence, replay_job, replay_seq) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
              ON CONFLICT (job_id, source_key) DO NOTHING",
         )
         .bind(job_id)
@@ -75,6 +75,8 @@ impl Store {
         .bind(format)
         .bind(answers.map(|a| serde_json::to_string(a).expect("alert answers serialise")))
         .bind(i64::from(keeps))
+        .bind(result.replay_of.as_ref().map(|(j, _)| j.as_str()))
+        .bind(result.replay_of.as_ref().map(|(_, s)| *s))
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -118,6 +120,9 @@ impl Store {
         }
         if kept {
             data["frame_url"] = frame_url(job_id, seq).into();
+        }
+        if let Some((job, seq)) = &result.replay_of {
+            data["replay_of"] = serde_json::json!({"job_id": job, "seq": seq});
         }
         self.queue_webhooks(
             &mut tx,
@@ -172,7 +177,7 @@ impl Store {
             return Ok(page);
         }
         let rows = sqlx::query(limited(
-            "SELECT seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, output_format, alerts, evidence \
+            "SELECT seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, output_format, alerts, evidence, replay_job, replay_seq \
              FROM results WHERE job_id = $1 AND seq > $2 ORDER BY seq",
             limit,
         ))
@@ -207,6 +212,10 @@ impl Store {
                         .map_err(|e| StoreError::Corrupt(e.to_string()))?,
                     created_at: r.try_get(9)?,
                     evidence: r.try_get::<i64, _>(12)? != 0,
+                    replay_of: match (r.try_get::<Option<String>, _>(13)?, r.try_get(14)?) {
+                        (Some(job), Some(seq)) => Some((job, seq)),
+                        _ => None,
+                    },
                     encoded: Default::default(),
                 });
                 self.results_cache

@@ -281,3 +281,78 @@ async fn retention_values_are_checked() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_asks_the_stored_frames_again_with_a_new_prompt() {
+    let env = [("MAX_REPLAY_FRAMES", "5")];
+    let (_dir, origin, model, app) = rig(4.0, (1280, 720), Db::Sqlite, &env).await;
+    let id = vod_job(&app, &origin, json!({"prompt": "first prompt"})).await;
+    let originals = app.all_results(&id).await;
+    let asked_before = model.asked().len();
+
+    let reply = app
+        .post(
+            "/api/v1/inference/replay",
+            json!({"job_id": id, "from_seq": 2, "to_seq": 5, "prompt": "second prompt"}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    let replay = reply.body["job_id"].as_str().unwrap().to_owned();
+    let done = app
+        .wait_status(&replay, &["completed", "failed"], LONG)
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["source_type"], "replay");
+    let results = app.all_results(&replay).await;
+    assert_eq!(results.len(), 4);
+    assert_eq!(
+        model.asked().len() - asked_before,
+        4,
+        "one model call per frame"
+    );
+    for (r, seq) in results.iter().zip(2..) {
+        let original = &originals[seq as usize];
+        assert_eq!(r["replay_of"], json!({"job_id": id, "seq": seq}), "{r}");
+        assert_eq!(r["pts_ms"], original["pts_ms"]);
+        let answer: Value = serde_json::from_str(r["output"].as_str().unwrap()).unwrap();
+        let before: Value = serde_json::from_str(original["output"].as_str().unwrap()).unwrap();
+        assert_eq!(answer["prompt"], "second prompt");
+        assert_eq!(before["prompt"], "first prompt");
+        // The same picture: the stored frame (640 wide) against the one first sent (768).
+        let (now, was) = (
+            answer["brightness"].as_f64().unwrap(),
+            before["brightness"].as_f64().unwrap(),
+        );
+        assert!((now - was).abs() < 2.0, "seq {seq}: {now:.1} vs {was:.1}");
+    }
+    assert_frames_match_answers(&app, &results).await;
+
+    // Bad replays: over the limit (saying it), past the results, reversed, unknown job.
+    let over = app
+        .post(
+            "/api/v1/inference/replay",
+            json!({"job_id": id, "from_seq": 0, "to_seq": 5, "prompt": "p"}),
+        )
+        .await;
+    assert_error(&over, StatusCode::UNPROCESSABLE_ENTITY, "validation_error");
+    assert!(over.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("at most 5 frames (MAX_REPLAY_FRAMES)"));
+    for (from, to) in [(6, 8), (3, 2), (-1, 0)] {
+        let r = app
+            .post(
+                "/api/v1/inference/replay",
+                json!({"job_id": id, "from_seq": from, "to_seq": to, "prompt": "p"}),
+            )
+            .await;
+        assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_error");
+    }
+    let unknown = app
+        .post(
+            "/api/v1/inference/replay",
+            json!({"job_id": "nope", "from_seq": 0, "to_seq": 0, "prompt": "p"}),
+        )
+        .await;
+    assert_error(&unknown, StatusCode::NOT_FOUND, "not_found");
+}

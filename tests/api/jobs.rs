@@ -292,6 +292,7 @@ async fn results_poll_never_misses_or_repeats(db: Db) {
                 latency: json!({"queue": 1.0, "inference": 2.0, "total": 3.0}),
                 alerts: None,
                 evidence: None,
+                replay_of: None,
             };
             let mut alerts = AlertTracker::default();
             assert_eq!(
