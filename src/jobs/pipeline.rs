@@ -457,6 +457,7 @@ impl Pipeline {
             if stop.is_cancelled() {
                 return Outcome::Stopped;
             }
+            Stats::add(&self.stats.entries_read, 1);
             let whence = Whence::Replay {
                 job: job.clone(),
                 seq,
@@ -766,7 +767,8 @@ impl Writer {
     }
 }
 
-/// Frames the pipeline has taken from its source: decoded video frames, or Redis entries read.
+/// Frames the pipeline has taken from its source: decoded video frames, or entries read
+/// (Redis entries, a replay's stored frames).
 fn frames_processed(s: &crate::stats::StatsSnapshot) -> i64 {
     (s.frames_decoded + s.entries_read) as i64
 }

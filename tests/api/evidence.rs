@@ -303,6 +303,7 @@ async fn a_replay_asks_the_stored_frames_again_with_a_new_prompt() {
         .await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["source_type"], "replay");
+    assert_eq!(done["frames_processed"], 4, "{done}");
     let results = app.all_results(&replay).await;
     assert_eq!(results.len(), 4);
     assert_eq!(
