@@ -636,7 +636,7 @@ impl Writer {
                         .and(result.alerts.as_ref())
                         .map(|_| alerts.clone());
                     match self.store_result(&result, &mut alerts).await {
-                        Some(Appended::New(seq)) => {
+                        Some(Appended::New { seq, frame }) => {
                             if let Some(stream) = &self.publish {
                                 // The events the store logged with this result: the same
                                 // transition again, from the state before it.
@@ -647,7 +647,7 @@ impl Writer {
                                     _ => Vec::new(),
                                 };
                                 if !stream
-                                    .publish(self.job_id.as_str(), seq, &result, &events)
+                                    .publish(self.job_id.as_str(), seq, frame, &result, &events)
                                     .await
                                 {
                                     Stats::add(&self.stats.results_stream_failures, 1);

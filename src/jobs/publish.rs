@@ -1,6 +1,7 @@
 //! Results published to a Redis stream (`RESULTS_STREAM`), for consumers that already live on
-//! Redis: each stored result is XADDed once stored (`type` `result`), followed by the alert
-//! events it fired (`type` `alert.started` / `alert.ended`), with `MAXLEN ~ RESULTS_STREAM_MAXLEN`.
+//! Redis: each stored result is XADDed once stored (`type` `result`, with its `frame_url`),
+//! followed by the alert events it fired (`type` `alert.started` / `alert.ended`), with
+//! `MAXLEN ~ RESULTS_STREAM_MAXLEN`.
 //!
 //! The store stays the record: a result is published after it is stored, and only when it is
 //! new (a result repeated after a crash is not published again). Publishing is
@@ -35,16 +36,23 @@ impl ResultStream {
         }))
     }
 
-    /// XADDs one stored result, then the alert events it fired (each an entry with `type`
-    /// `alert.started` or `alert.ended` and the event as JSON in `data`); false when any
-    /// could not be published (after 3 tries each).
+    /// XADDs one stored result (with `frame_url` when its frame was kept, `replay_of` as
+    /// `<job_id>/<seq>` for a replay's, both empty otherwise), then the alert events it fired
+    /// (each an entry with `type` `alert.started` or `alert.ended` and the event as JSON in
+    /// `data`); false when any could not be published (after 3 tries each).
     pub async fn publish(
         &self,
         job_id: &str,
         seq: i64,
+        frame: bool,
         r: &NewResult,
         events: &[AlertEvent],
     ) -> bool {
+        let frame_url = if frame {
+            crate::store::frame_url(job_id, seq)
+        } else {
+            String::new()
+        };
         let seq = seq.to_string();
         let pts = r.pts_ms.to_string();
         let version = r.prompt_version.to_string();
@@ -58,7 +66,12 @@ impl ResultStream {
             }
             _ => String::new(),
         };
-        let fields: [(&str, &str); 9] = [
+        let replay_of = r
+            .replay_of
+            .as_ref()
+            .map(|(job, seq)| format!("{job}/{seq}"))
+            .unwrap_or_default();
+        let fields: [(&str, &str); 11] = [
             ("type", "result"),
             ("job_id", job_id),
             ("seq", &seq),
@@ -68,6 +81,8 @@ impl ResultStream {
             ("output_format", format),
             ("error", error),
             ("alerts", &alerts),
+            ("frame_url", &frame_url),
+            ("replay_of", &replay_of),
         ];
         let mut published = self.add(job_id, &fields).await;
         for event in events {

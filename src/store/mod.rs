@@ -241,8 +241,8 @@ pub struct NewResult {
 /// What storing a result did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
-    /// Stored with this seq.
-    New(i64),
+    /// Stored with this seq; `frame`: its evidence frame was kept too.
+    New { seq: i64, frame: bool },
     /// The job already has a result for this position in the source (work repeated after a
     /// crash or a takeover): nothing stored.
     Duplicate,

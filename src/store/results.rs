@@ -150,7 +150,7 @@ impl Store {
             *alerts = moved;
         }
         self.changed_here(job_id);
-        Ok(Appended::New(seq))
+        Ok(Appended::New { seq, frame: kept })
     }
 
     /// Results of `job` with `seq > after`, in seq order, at most `limit`. Seqs below the

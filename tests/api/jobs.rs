@@ -300,7 +300,10 @@ async fn results_poll_never_misses_or_repeats(db: Db) {
                     .append_result(&id, &lease, &result, &mut alerts)
                     .await
                     .unwrap(),
-                Appended::New(n),
+                Appended::New {
+                    seq: n,
+                    frame: false
+                },
                 "seq is contiguous from 0"
             );
             assert_eq!(

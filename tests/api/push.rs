@@ -232,6 +232,8 @@ async fn results_are_published_to_the_redis_results_stream() {
         assert_eq!(field(e, "prompt_version"), r["prompt_version"].to_string());
         assert_eq!(field(e, "output"), r["output"].as_str().unwrap());
         assert_eq!(field(e, "error"), "");
+        assert_eq!(field(e, "frame_url"), r["frame_url"].as_str().unwrap());
+        assert_eq!(field(e, "replay_of"), "");
     }
     let _: () = c.del(&key).await.unwrap();
 
