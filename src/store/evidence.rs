@@ -131,19 +131,8 @@ impl Store {
         job_id: &str,
         seq: i64,
     ) -> Result<Option<(i64, Option<Vec<u8>>)>, StoreError> {
-        let row = sqlx::query("SELECT pts_ms FROM results WHERE job_id = $1 AND seq = $2")
-            .bind(job_id)
-            .bind(seq)
-            .fetch_optional(&self.pool)
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        Ok(Some((row.try_get(0)?, self.frame(job_id, seq).await?)))
-    }
-
-    /// The evidence frame of result `seq` of `job_id`, if it is kept and not expired.
-    pub async fn frame(&self, job_id: &str, seq: i64) -> Result<Option<Vec<u8>>, StoreError> {
         let row = sqlx::query(
-            "SELECT r.evidence, j.evidence_kept_from FROM results r JOIN jobs j ON j.job_id = r.job_id \
+            "SELECT r.pts_ms, r.evidence, j.evidence_kept_from FROM results r JOIN jobs j ON j.job_id = r.job_id \
              WHERE r.job_id = $1 AND r.seq = $2",
         )
         .bind(job_id)
@@ -151,10 +140,21 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else { return Ok(None) };
-        let (kept, from): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        let (pts, kept, from): (i64, i64, i64) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
         if kept == 0 || seq < from {
-            return Ok(None);
+            return Ok(Some((pts, None)));
         }
+        Ok(Some((pts, self.kept_frame(job_id, seq).await?)))
+    }
+
+    /// The evidence frame of result `seq` of `job_id`, if it is kept and not expired.
+    pub async fn frame(&self, job_id: &str, seq: i64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.replay_frame(job_id, seq).await?.and_then(|(_, f)| f))
+    }
+
+    /// Reads a frame the result says was kept, from where frames are kept.
+    async fn kept_frame(&self, job_id: &str, seq: i64) -> Result<Option<Vec<u8>>, StoreError> {
         match &*self.evidence {
             EvidenceStore::Directory(dir) => {
                 match tokio::fs::read(frame_path(dir, job_id, seq)).await {
@@ -182,8 +182,10 @@ impl Store {
         let mut swept = Swept::default();
         let batch = r.sweep_batch as i64;
         let secs = |d: Option<std::time::Duration>| d.map(|d| d.as_secs() as i64);
+        // Only jobs with something left to expire.
         let rows = sqlx::query(
-            "SELECT job_id, results_retention_s, evidence_retention_s, results_kept_from, evidence_kept_from, results_count FROM jobs",
+            "SELECT job_id, results_retention_s, evidence_retention_s, results_kept_from, evidence_kept_from, results_count FROM jobs \
+             WHERE results_kept_from < results_count OR evidence_kept_from < results_count",
         )
         .fetch_all(&self.pool)
         .await?;
