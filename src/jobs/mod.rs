@@ -257,6 +257,9 @@ impl Inner {
         };
         let mut renewed = Instant::now();
         let mut failing = false;
+        // A job this replica runs that was cancelled (or finished) through another replica
+        // stops at once, not at the next tick.
+        let mut status_changes = self.store.status_changes();
         loop {
             let step = async {
                 if renewed.elapsed() >= renew_every {
@@ -302,10 +305,24 @@ impl Inner {
                 }
                 Err(_) => {}
             }
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(CLAIM_EVERY) => {}
+            let tick = tokio::time::sleep(CLAIM_EVERY);
+            tokio::pin!(tick);
+            loop {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    _ = self.wake.notified() => break,
+                    _ = &mut tick => break,
+                    changed = status_changes.recv() => match changed {
+                        Ok(job_id) if self.is_running(&job_id) => break,
+                        Ok(_) => {}
+                        // Missed some: one of them may be ours.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            tick.as_mut().await;
+                            break;
+                        }
+                    },
+                }
             }
         }
     }
@@ -318,6 +335,13 @@ impl Inner {
                 r.cancel.cancel();
             }
         }
+    }
+
+    fn is_running(&self, job_id: &str) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(job_id)
     }
 
     fn running_count(&self) -> usize {

@@ -323,6 +323,10 @@ pub struct Store {
     /// Wakes followers (SSE streams) when a job gains a result or changes status: the id of
     /// the job. Writes here send it; on PostgreSQL so does every replica's (LISTEN/NOTIFY).
     changes: tokio::sync::broadcast::Sender<Arc<str>>,
+    /// The subset of `changes` that are status changes (cancelled, finished, running), so the
+    /// job manager can stop a pipeline cancelled through another replica at once without
+    /// waking for every result.
+    status_changes: tokio::sync::broadcast::Sender<Arc<str>>,
     /// WEBHOOK_URL, for which every job's messages are queued too.
     global_webhook: Option<Arc<GlobalWebhook>>,
     /// Set when this process queued a webhook message: the sender looks at the outbox at
@@ -331,6 +335,14 @@ pub struct Store {
     /// Where evidence frames are kept (EVIDENCE).
     evidence: Arc<crate::config::EvidenceStore>,
 }
+
+/// PostgreSQL NOTIFY channels between replicas, each carrying a job id: a result was stored
+/// (the result streams follow it), or the job's status changed (every follower, and the
+/// replica running the job, which stops it if it was cancelled elsewhere).
+const CHANGES_CHANNEL: &str = "free_roam_changes";
+const STATUS_CHANNEL: &str = "free_roam_status";
+const NOTIFY_CHANGES: &str = "SELECT pg_notify('free_roam_changes', $1)";
+const NOTIFY_STATUS: &str = "SELECT pg_notify('free_roam_status', $1)";
 
 impl Store {
     /// Connects (creating a SQLite file and its folder if needed); does not migrate.
@@ -393,6 +405,7 @@ impl Store {
             )),
             _file_lock: file_lock,
             changes: tokio::sync::broadcast::channel(4096).0,
+            status_changes: tokio::sync::broadcast::channel(256).0,
             global_webhook: None,
             outbox_queued: Default::default(),
             evidence: Arc::new(crate::config::EvidenceStore::Off),
@@ -408,16 +421,22 @@ impl Store {
         self.changes.subscribe()
     }
 
+    /// Job ids as their status changes, here or (PostgreSQL) on any replica.
+    pub fn status_changes(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
+        self.status_changes.subscribe()
+    }
+
     /// Tells followers here that `job_id` changed.
     fn changed_here(&self, job_id: &str) {
         let _ = self.changes.send(Arc::from(job_id));
     }
 
-    /// Tells followers here, and on PostgreSQL every replica, that `job_id` changed.
+    /// Tells followers here, and on PostgreSQL every replica, that `job_id`'s status changed.
     async fn changed(&self, job_id: &str) {
         self.changed_here(job_id);
+        let _ = self.status_changes.send(Arc::from(job_id));
         if self.dialect == Dialect::Postgres {
-            let notified = sqlx::query("SELECT pg_notify('free_roam_changes', $1)")
+            let notified = sqlx::query(NOTIFY_STATUS)
                 .bind(job_id)
                 .execute(&self.pool)
                 .await;
@@ -435,14 +454,21 @@ impl Store {
         }
         let url = url.to_owned();
         let changes = self.changes.clone();
+        let status_changes = self.status_changes.clone();
         tokio::spawn(async move {
             loop {
                 let listened = async {
                     let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
-                    listener.listen("free_roam_changes").await?;
+                    listener
+                        .listen_all([CHANGES_CHANNEL, STATUS_CHANNEL])
+                        .await?;
                     loop {
                         let n = listener.recv().await?;
-                        let _ = changes.send(Arc::from(n.payload()));
+                        let job_id: Arc<str> = Arc::from(n.payload());
+                        if n.channel() == STATUS_CHANNEL {
+                            let _ = status_changes.send(job_id.clone());
+                        }
+                        let _ = changes.send(job_id);
                     }
                     #[allow(unreachable_code)]
                     Ok::<(), sqlx::Error>(())

@@ -140,7 +140,7 @@ impl Store {
         if self.dialect == Dialect::Postgres {
             // Other replicas' result streams hear of it when (and only if) it commits, in
             // the same transaction rather than one more per result.
-            sqlx::query("SELECT pg_notify('free_roam_changes', $1)")
+            sqlx::query(super::NOTIFY_CHANGES)
                 .bind(job_id)
                 .execute(&mut *tx)
                 .await?;
