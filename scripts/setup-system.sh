@@ -7,8 +7,9 @@ pkgs=(pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev
       libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev libturbojpeg0-dev ffmpeg)
 if [[ "${1:-}" == "--services" ]]; then
   # Tests also validate deploy/ with kubernetes-validate and verify webhooks with the Standard
-  # Webhooks reference library, both from PyPI into a venv.
-  pkgs+=(redis-server postgresql postgresql-client python3-venv)
+  # Webhooks reference library, both from PyPI into a venv; the dashboard's browser test drives
+  # Debian's headless Chromium through chromedriver with selenium (PyPI, same venv).
+  pkgs+=(redis-server postgresql postgresql-client python3-venv chromium chromium-driver)
 fi
 
 missing=()
@@ -28,9 +29,9 @@ fi
 if [[ "${1:-}" == "--services" ]]; then
   cd "$(dirname "$0")/.."
   venv=target/tools-venv
-  if [[ ! -x $venv/bin/kubernetes-validate ]] || ! "$venv/bin/python" -c 'import standardwebhooks' 2>/dev/null; then
-    echo "installing kubernetes-validate and standardwebhooks into $venv" >&2
+  if [[ ! -x $venv/bin/kubernetes-validate ]] || ! "$venv/bin/python" -c 'import standardwebhooks, selenium' 2>/dev/null; then
+    echo "installing kubernetes-validate, standardwebhooks and selenium into $venv" >&2
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet kubernetes-validate==1.37.0 standardwebhooks==1.1.0 >&2
+    "$venv/bin/pip" install --quiet kubernetes-validate==1.37.0 standardwebhooks==1.1.0 selenium==4.51.0 >&2
   fi
 fi

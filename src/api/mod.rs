@@ -5,6 +5,7 @@
 //! request id, trace, CORS, metrics, timeout; `/api` routes add rate limits and API-key auth.
 
 pub mod alerts;
+pub mod dashboard;
 pub mod error;
 pub mod health;
 pub mod inference;
@@ -237,6 +238,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(api)
         .merge(probes)
+        .merge(dashboard::routes())
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi.clone()))
         .merge(Redoc::with_url("/redoc", openapi).custom_html(include_str!("../../assets/redoc.html")))
         .route("/redoc/redoc.standalone.js", get(redoc_script))

@@ -5,6 +5,7 @@ mod fixtures;
 mod helpers;
 
 mod alerts;
+mod dashboard;
 mod deploy;
 mod errors;
 mod evidence;

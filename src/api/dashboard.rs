@@ -1,0 +1,116 @@
+//! The dashboard at `/`: a small front-end (one HTML page, one script, one stylesheet, all
+//! embedded in the binary) that talks to the same public API as any other client.
+//!
+//! Why a front-end and not server-rendered templates: every view it shows (jobs, a job's live
+//! results over SSE, frames, prompt versions, alert events, health) already exists as a JSON
+//! route, so the page adds no server logic of its own, needs no build step, and stays as
+//! simple to change as the API. It builds the DOM with `textContent` only, never markup from
+//! data, and the Content-Security-Policy below forbids inline script and any other origin, so
+//! a prompt or an answer holding markup is shown as text.
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+
+use super::AppState;
+
+const INDEX: &str = include_str!("../../assets/dashboard/index.html");
+const SCRIPT: &str = include_str!("../../assets/dashboard/app.js");
+const STYLE: &str = include_str!("../../assets/dashboard/app.css");
+const ICON: &str = include_str!("../../assets/dashboard/icon.svg");
+
+/// Scripts, styles, frames and API calls from this origin only; frames arrive as blobs
+/// (fetched with the API key), never from elsewhere; no inline script or style attributes.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; \
+     connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'";
+
+/// The page's routes: `/`, its assets under `/ui/`, and `/ui/config.json` (what the page
+/// needs before it has a key). No auth: they hold no data.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/",
+            get(|h: HeaderMap| async move { asset(&h, "text/html; charset=utf-8", INDEX) }),
+        )
+        .route(
+            "/ui/app.js",
+            get(|h: HeaderMap| async move { asset(&h, "text/javascript; charset=utf-8", SCRIPT) }),
+        )
+        .route(
+            "/ui/app.css",
+            get(|h: HeaderMap| async move { asset(&h, "text/css; charset=utf-8", STYLE) }),
+        )
+        .route(
+            "/ui/icon.svg",
+            get(|h: HeaderMap| async move { asset(&h, "image/svg+xml", ICON) }),
+        )
+        .route("/ui/config.json", get(config))
+}
+
+/// An embedded asset with the page's security headers. `no-cache` with an ETag: the browser
+/// revalidates (a 304), so a new binary's page is never mixed with an old script.
+fn asset(request: &HeaderMap, content_type: &'static str, body: &'static str) -> Response {
+    let etag = format!("\"{}-{:016x}\"", env!("CARGO_PKG_VERSION"), fnv(body));
+    let fresh = request
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+    let headers = [
+        (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        (
+            header::ETAG,
+            HeaderValue::from_str(&etag).unwrap_or_else(|_| HeaderValue::from_static("\"0\"")),
+        ),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CSP),
+        ),
+        (
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ),
+        (
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ),
+        (
+            HeaderName::from_static("x-frame-options"),
+            HeaderValue::from_static("DENY"),
+        ),
+    ];
+    if fresh {
+        return (StatusCode::NOT_MODIFIED, headers).into_response();
+    }
+    (headers, body).into_response()
+}
+
+/// FNV-1a of an asset, for its ETag (a few tens of KB hashed per request: microseconds).
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[derive(Serialize)]
+struct PageConfig {
+    /// API_KEYS is set: the page asks for a key before calling the API.
+    auth_required: bool,
+    version: &'static str,
+    default_fps: f64,
+}
+
+async fn config(State(state): State<AppState>) -> Response {
+    let mut r = Json(PageConfig {
+        auth_required: !state.settings.api_keys.is_empty(),
+        version: env!("CARGO_PKG_VERSION"),
+        default_fps: state.settings.default_fps,
+    })
+    .into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
