@@ -69,7 +69,8 @@
     const box = document.getElementById('notice');
     const line = h('div', {}, message);
     box.append(line);
-    setTimeout(() => line.remove(), 6000);
+    while (box.children.length > 2) box.firstElementChild.remove();
+    setTimeout(() => line.remove(), 5000);
   }
 
   function show(title, ...content) {
@@ -507,6 +508,42 @@
     every(2000, refresh);
     every(3000, alertEvents(jobId, alertsBox));
     promptEditor(promptBox, jobId);
+    promptBox.after(replayForm(jobId));
+  }
+
+  /** Asks the model again about a range of this job's stored frames with another prompt. */
+  function replayForm(jobId) {
+    const from = h('input', { type: 'number', min: '0', step: '1', value: '0' });
+    const to = h('input', { type: 'number', min: '0', step: '1', value: '9' });
+    const prompt = h('textarea', {});
+    const problem = h('div', { role: 'alert' });
+    const submit = h('button', { type: 'submit' }, 'Replay');
+    const form = h('form', { id: 'replay-form' },
+      h('p', { class: 'hint' }, 'Ask about frames this job kept again, with another prompt, as a new job whose results name the originals.'),
+      h('div', { class: 'row' },
+        h('div', {}, field('replay-from', 'From result', from)),
+        h('div', {}, field('replay-to', 'To result', to))),
+      field('replay-prompt', 'Prompt', prompt),
+      problem,
+      h('div', { class: 'actions' }, submit));
+    form.addEventListener('submit', async (ev) => {
+      ev.preventDefault();
+      problem.replaceChildren();
+      submit.disabled = true;
+      try {
+        const started = await api('/api/v1/inference/replay', {
+          method: 'POST',
+          json: { job_id: jobId, from_seq: Number(from.value), to_seq: Number(to.value), prompt: prompt.value },
+        });
+        notify('Replaying as job ' + started.job_id);
+        location.hash = jobHref(started.job_id);
+      } catch (e) {
+        if (e.status !== 401) problem.replaceChildren(h('p', { class: 'error' }, e.message));
+      } finally {
+        submit.disabled = false;
+      }
+    });
+    return h('section', { 'aria-labelledby': 'replay-h' }, h('h2', { id: 'replay-h' }, 'Replay with another prompt'), form);
   }
 
   function cancelButton(jobId, refresh) {

@@ -148,6 +148,37 @@ async fn a_user_drives_the_dashboard_in_chromium() {
         .unwrap();
     assert_eq!(status["status"], "cancelled", "{status}");
     assert_eq!(status["prompt_version"], 2, "{status}");
+    let replay_id = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("replay_id="))
+        .expect("the scenario names its replay");
+    let replayed: Value = http
+        .get(app.url(&format!("/api/v1/inference/results/{replay_id}")))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let originals: Vec<(Value, Value)> = replayed["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["replay_of"]["job_id"].clone(),
+                r["replay_of"]["seq"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        originals,
+        (0..3)
+            .map(|i| (json!(job_id), json!(i)))
+            .collect::<Vec<_>>(),
+        "the replay asked about results 0 to 2 of the job"
+    );
     let asked: Vec<String> = model.asked().into_iter().map(|a| a.prompt).collect();
     assert!(
         asked.iter().any(|p| p.starts_with("Describe <b>bold</b>")),

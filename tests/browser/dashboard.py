@@ -203,6 +203,21 @@ def scenario(c, args):
     c.until("status cancelled", lambda: c.one("#job-status").text == "cancelled")
     c.shot("job-cancelled")
 
+    # Replay three of its frames with another prompt: a new job whose results name these.
+    for sel, value in (("#replay-from", "0"), ("#replay-to", "2"), ("#replay-prompt", "replayed: what changed?")):
+        c.one(sel).clear()
+        c.one(sel).send_keys(value)
+    c.one('#replay-form button[type="submit"]').click()
+    c.until("the replay's page", lambda: d.current_url.split("#/job/")[-1] not in ("", job_id) and "#/job/" in d.current_url)
+    replay_id = d.current_url.split("#/job/")[-1]
+    c.until("the replay's three results", lambda: len(c.css("#feed li.card")) == 3
+            and c.one("#job-status").text == "completed", timeout=60)
+    originals = [a.text for a in c.css("#feed li.card .meta a")]
+    assert originals == [job_id] * 3, originals
+    assert "replayed: what changed?" in c.one("#feed li.card .answer").text
+    c.shot("replay")
+    print("replay_id=" + replay_id, flush=True)
+
     # The jobs table shows it.
     d.get(base + "/#/")
     c.until("the job's row cancelled",
