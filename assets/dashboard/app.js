@@ -389,6 +389,19 @@
     box.replaceChildren(...items);
   }
 
+  /** Runs a form's API call with its button disabled; the API's refusal is shown in `problem`. */
+  async function submitting(button, problem, call) {
+    problem.replaceChildren();
+    button.disabled = true;
+    try {
+      await call();
+    } catch (e) {
+      if (e.status !== 401 && !view.abort.signal.aborted) problem.replaceChildren(h('p', { class: 'error' }, e.message));
+    } finally {
+      button.disabled = false;
+    }
+  }
+
   // ---------- start ----------
 
   function field(id, label, input, hint) {
@@ -415,21 +428,15 @@
       h('div', { class: 'actions' }, submit));
     form.addEventListener('submit', async (ev) => {
       ev.preventDefault();
-      problem.replaceChildren();
       const body = { stream_ref: ref.value.trim(), fps: Number(fps.value) };
       if (prompt.value.trim()) body.prompt = prompt.value;
       if (model.value.trim()) body.model = model.value.trim();
       if (id.value.trim()) body.job_id = id.value.trim();
-      submit.disabled = true;
-      try {
+      await submitting(submit, problem, async () => {
         const started = await api('/api/v1/inference/start', { method: 'POST', json: body });
         notify('Started job ' + started.job_id);
         location.hash = jobHref(started.job_id);
-      } catch (e) {
-        if (e.status !== 401) problem.replaceChildren(h('p', { class: 'error' }, e.message));
-      } finally {
-        submit.disabled = false;
-      }
+      });
     });
     show('Start a job', form).focus();
   }
@@ -528,20 +535,14 @@
       h('div', { class: 'actions' }, submit));
     form.addEventListener('submit', async (ev) => {
       ev.preventDefault();
-      problem.replaceChildren();
-      submit.disabled = true;
-      try {
+      await submitting(submit, problem, async () => {
         const started = await api('/api/v1/inference/replay', {
           method: 'POST',
           json: { job_id: jobId, from_seq: Number(from.value), to_seq: Number(to.value), prompt: prompt.value },
         });
         notify('Replaying as job ' + started.job_id);
         location.hash = jobHref(started.job_id);
-      } catch (e) {
-        if (e.status !== 401) problem.replaceChildren(h('p', { class: 'error' }, e.message));
-      } finally {
-        submit.disabled = false;
-      }
+      });
     });
     return h('section', { 'aria-labelledby': 'replay-h' }, h('h2', { id: 'replay-h' }, 'Replay with another prompt'), form);
   }
@@ -719,19 +720,13 @@
 
     form.addEventListener('submit', async (ev) => {
       ev.preventDefault();
-      problem.replaceChildren();
-      save.disabled = true;
-      try {
+      await submitting(save, problem, async () => {
         const body = { prompt: text.value };
         if (jobId) body.job_id = jobId;
         const written = await api('/api/v1/prompt/update', { method: 'POST', json: body });
         notify('Prompt v' + written.version + ' saved');
         await load();
-      } catch (e) {
-        if (e.status !== 401) problem.replaceChildren(h('p', { class: 'error' }, e.message));
-      } finally {
-        save.disabled = false;
-      }
+      });
     });
     load().catch((e) => { if (e.status !== 401 && !view.abort.signal.aborted) problem.replaceChildren(h('p', { class: 'error' }, e.message)); });
   }

@@ -30,25 +30,24 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
 /// The page's routes: `/`, its assets under `/ui/`, and `/ui/config.json` (what the page
 /// needs before it has a key). No auth: they hold no data.
 pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/",
-            get(|h: HeaderMap| async move { asset(&h, "text/html; charset=utf-8", INDEX) }),
-        )
-        .route(
-            "/ui/app.js",
-            get(|h: HeaderMap| async move { asset(&h, "text/javascript; charset=utf-8", SCRIPT) }),
-        )
-        .route(
-            "/ui/app.css",
-            get(|h: HeaderMap| async move { asset(&h, "text/css; charset=utf-8", STYLE) }),
-        )
-        .route(
-            "/ui/icon.svg",
-            get(|h: HeaderMap| async move { asset(&h, "image/svg+xml", ICON) }),
-        )
+    ASSETS
+        .iter()
+        .fold(Router::new(), |router, &(path, content_type, body)| {
+            router.route(
+                path,
+                get(move |h: HeaderMap| async move { asset(&h, content_type, body) }),
+            )
+        })
         .route("/ui/config.json", get(config))
 }
+
+/// Path, content type and body of each embedded file.
+const ASSETS: [(&str, &str, &str); 4] = [
+    ("/", "text/html; charset=utf-8", INDEX),
+    ("/ui/app.js", "text/javascript; charset=utf-8", SCRIPT),
+    ("/ui/app.css", "text/css; charset=utf-8", STYLE),
+    ("/ui/icon.svg", "image/svg+xml", ICON),
+];
 
 /// An embedded asset with the page's security headers. `no-cache` with an ETag: the browser
 /// revalidates (a 304), so a new binary's page is never mixed with an old script.

@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::fixtures::{live_origin, ModelServer};
-use crate::helpers::{pairs, Db, TestApp};
+use crate::helpers::{pairs, tools_python, Db, TestApp};
 
 const KEY: &str = "dashboard-test-key";
 
@@ -80,12 +80,6 @@ async fn the_dashboard_and_its_assets_are_served_offline_with_a_strict_policy() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_drives_the_dashboard_in_chromium() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join("target/tools-venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/setup-system.sh --services (scripts/test does)",
-        python.display()
-    );
     let dir = tempfile::tempdir().unwrap();
     // A live stream (one 1 s segment a second for 150 s) whose brightness rises with time.
     let origin = live_origin(dir.path(), 150.0, 3, Duration::from_secs(1), None, true).await;
@@ -108,7 +102,7 @@ async fn a_user_drives_the_dashboard_in_chromium() {
 
     let artefacts = root.join("target/test-artefacts/dashboard");
     let _ = std::fs::remove_dir_all(&artefacts);
-    let run = tokio::process::Command::new(&python)
+    let run = tokio::process::Command::new(tools_python())
         .arg(root.join("tests/browser/dashboard.py"))
         .args(["--base", &app.base, "--key", KEY])
         .args(["--stream", &origin.url("live/live.m3u8")])
@@ -137,30 +131,18 @@ async fn a_user_drives_the_dashboard_in_chromium() {
         .find_map(|l| l.strip_prefix("job_id="))
         .expect("the scenario names its job")
         .to_owned();
-    let status: Value = http
-        .get(app.url(&format!("/api/v1/inference/status/{job_id}")))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let read = |path: String| {
+        let request = http.get(app.url(&path)).bearer_auth(KEY);
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let status = read(format!("/api/v1/inference/status/{job_id}")).await;
     assert_eq!(status["status"], "cancelled", "{status}");
     assert_eq!(status["prompt_version"], 2, "{status}");
     let replay_id = stdout
         .lines()
         .find_map(|l| l.strip_prefix("replay_id="))
         .expect("the scenario names its replay");
-    let replayed: Value = http
-        .get(app.url(&format!("/api/v1/inference/results/{replay_id}")))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let replayed = read(format!("/api/v1/inference/results/{replay_id}")).await;
     let originals: Vec<(Value, Value)> = replayed["results"]
         .as_array()
         .unwrap()

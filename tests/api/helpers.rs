@@ -259,6 +259,19 @@ impl TestApp {
 }
 
 /// Settings as the pairs `spawn_with` takes.
+/// The Python of the test tools' venv (selenium, standardwebhooks...), which
+/// scripts/setup-system.sh --services installs.
+pub fn tools_python() -> std::path::PathBuf {
+    let python =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/setup-system.sh --services (scripts/test does)",
+        python.display()
+    );
+    python
+}
+
 pub fn pairs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     v.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }

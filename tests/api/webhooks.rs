@@ -31,13 +31,7 @@ impl Receiver {
     /// [`Receiver::start`], answering 503 to everything while `down_while` exists.
     fn start_with(log: &Path, port: u16, status: u16, down_while: Option<&Path>) -> Self {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let python = root.join("target/tools-venv/bin/python");
-        assert!(
-            python.exists(),
-            "{} is missing: run scripts/setup-system.sh --services (scripts/test does)",
-            python.display()
-        );
-        let mut child = Command::new(python)
+        let mut child = Command::new(crate::helpers::tools_python())
             .arg(root.join("tests/webhook_receiver.py"))
             .args(["--secret", SECRET, "--log"])
             .arg(log)
