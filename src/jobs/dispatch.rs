@@ -29,6 +29,9 @@ pub struct Work {
     pub reply: oneshot::Sender<Done>,
     /// The job's pipeline token: cancelled when it stops.
     pub stop: tokio_util::sync::CancellationToken,
+    /// The frame's evidence JPEG, never sent to the model: it waits here, so a frame dropped
+    /// from a full lane frees it at once, and comes back with the answer in [`Done`].
+    pub evidence: Option<Vec<u8>>,
 }
 
 /// Time spent per phase, in milliseconds.
@@ -52,6 +55,8 @@ pub struct Done {
     pub model: String,
     pub batch_size: usize,
     pub latency: Latency,
+    /// The evidence JPEG the frame's [`Work`] carried.
+    pub evidence: Option<Vec<u8>>,
 }
 
 impl Done {
@@ -65,6 +70,7 @@ impl Done {
             model: String::new(),
             batch_size: 0,
             latency: Latency::default(),
+            evidence: None,
         }
     }
 }
@@ -258,6 +264,7 @@ impl Dispatch {
                 model: self.model.clone(),
                 batch_size: size,
                 latency,
+                evidence: q.item.evidence,
             });
         }
         for (q, why) in refused {
@@ -271,6 +278,7 @@ impl Dispatch {
                 model: self.model.clone(),
                 batch_size: size,
                 latency,
+                evidence: q.item.evidence,
                 ..Done::refused(why)
             });
         }

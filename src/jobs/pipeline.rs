@@ -84,8 +84,6 @@ enum Pending {
         pts_ms: i64,
         reply: oneshot::Receiver<Done>,
         from: Whence,
-        /// The frame to keep beside the answer (never sent to the model).
-        evidence: Option<Vec<u8>>,
     },
     /// Acknowledge a Redis entry that produced no frame (skipped by the sampler, invalid).
     Ack(String),
@@ -519,7 +517,6 @@ impl Pipeline {
                 pts_ms,
                 reply: rx,
                 from,
-                evidence: None,
             })
             .await
             .is_ok()
@@ -543,6 +540,7 @@ impl Pipeline {
             frame: Arc::new(frame),
             reply: tx,
             stop: self.cancel.clone(),
+            evidence,
         };
         let dropped = tokio::select! {
             _ = stop.cancelled() => return false,
@@ -553,7 +551,7 @@ impl Pipeline {
         }
         tokio::select! {
             _ = stop.cancelled() => false,
-            r = pending.send(Pending::Frame { pts_ms, reply: rx, from, evidence }) => r.is_ok(),
+            r = pending.send(Pending::Frame { pts_ms, reply: rx, from }) => r.is_ok(),
         }
     }
 }
@@ -591,7 +589,6 @@ impl Writer {
                     pts_ms,
                     reply,
                     from,
-                    evidence,
                 } => {
                     let done = tokio::select! {
                         _ = self.cancel.cancelled() => return,
@@ -627,7 +624,7 @@ impl Writer {
                         batch_size: done.batch_size as i64,
                         latency: json!(done.latency),
                         alerts: done.alerts,
-                        evidence,
+                        evidence: done.evidence,
                     };
                     // Kept to publish the events this result fires (RESULTS_STREAM only).
                     let before = self

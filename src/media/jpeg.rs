@@ -76,13 +76,17 @@ impl JpegEncoder {
                 pic.width, pic.height
             ));
         }
-        self.buf.resize(bound as usize, 0);
+        // Room for the worst case, not written: turbojpeg writes only the few tens of KB a
+        // picture needs, so the rest of the megabyte stays untouched (not resident) for as
+        // long as the encoder lives, one per stream and size.
+        self.buf.clear();
+        self.buf.reserve(bound as usize);
         let mut planes = pic.planes.map(<[u8]>::as_ptr);
         let strides = pic.strides.map(|s| s as i32);
         let mut out = self.buf.as_mut_ptr();
         let mut size: libc::c_ulong = bound;
         // SAFETY: the planes were checked to hold the picture at their strides; the output
-        // buffer holds tjBufSize bytes and NOREALLOC forbids the library to replace it.
+        // buffer's capacity is tjBufSize bytes and NOREALLOC forbids the library to replace it.
         let rc = unsafe {
             raw::tjCompressFromYUVPlanes(
                 self.handle,
@@ -102,7 +106,10 @@ impl JpegEncoder {
             let why = unsafe { CStr::from_ptr(raw::tjGetErrorStr2(self.handle)) };
             return Err(format!("jpeg encoding failed: {}", why.to_string_lossy()));
         }
-        Ok(self.buf[..size as usize].to_vec())
+        // SAFETY: NOREALLOC kept the library in this buffer's capacity (`bound` bytes), and
+        // it wrote `size` of them.
+        unsafe { self.buf.set_len((size as usize).min(bound as usize)) };
+        Ok(self.buf.clone())
     }
 }
 
