@@ -229,6 +229,13 @@ pub async fn events(
         .job_brief(&job_id)
         .await?
         .ok_or_else(|| ApiError::job_not_found(&job_id))?;
+    // Events first, then the state: `active` is then never older than the events listed
+    // (read the other way round, a result stored between the two reads could list an
+    // alert.started while `active` still said off).
+    let events = state
+        .store
+        .alert_events(&job_id, q.after.unwrap_or(0), limit)
+        .await?;
     let rules = state.store.effective_alerts(&id).await?;
     let tracker = state.store.alert_state(&job_id).await?;
     let active = rules
@@ -237,10 +244,6 @@ pub async fn events(
         .filter(|r| tracker.is_on(&r.name))
         .map(|r| r.name.clone())
         .collect();
-    let events = state
-        .store
-        .alert_events(&job_id, q.after.unwrap_or(0), limit)
-        .await?;
     let next_after = events.last().map(|e| e.id).or(q.after);
     Ok(Json(AlertEventsResponse {
         rules: rules.map(view),
