@@ -84,7 +84,22 @@ pub enum Source {
     /// The evidence frames of results `from..=to` of another job, asked about again
     /// (`POST /api/v1/inference/replay`; never a `start` form).
     Replay { job_id: String, from: i64, to: i64 },
+    /// A whole video file, read once from start to end like a VOD.
+    File(FileLocation),
 }
+
+/// Where a file job's file is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileLocation {
+    /// An `http(s)://` URL whose path ends in a video file's extension, read with Range
+    /// requests.
+    Http(Url),
+    /// A `file:///` path; usable only under MEDIA_ROOT (checked where the setting is known).
+    Local(std::path::PathBuf),
+}
+
+/// Path endings that make an `http(s)://` URL a file rather than an HLS playlist.
+pub const FILE_EXTENSIONS: [&str; 6] = ["mp4", "m4v", "mov", "mkv", "webm", "ts"];
 
 impl Source {
     pub fn kind(&self) -> SourceType {
@@ -92,6 +107,7 @@ impl Source {
             Source::Hls(_) => SourceType::Hls,
             Source::Redis { .. } => SourceType::Redis,
             Source::Replay { .. } => SourceType::Replay,
+            Source::File(_) => SourceType::File,
         }
     }
 }
@@ -102,6 +118,7 @@ pub enum SourceType {
     Hls,
     Redis,
     Replay,
+    File,
 }
 
 impl SourceType {
@@ -110,6 +127,7 @@ impl SourceType {
             SourceType::Hls => "hls",
             SourceType::Redis => "redis",
             SourceType::Replay => "replay",
+            SourceType::File => "file",
         }
     }
 }
@@ -122,6 +140,8 @@ pub struct StreamRef {
 }
 
 const STREAM_REF_FORMS: &str = "stream_ref must be an http(s):// HLS playlist URL, \
+     an http(s):// URL of a video file (ending in .mp4, .m4v, .mov, .mkv, .webm or .ts), \
+     file:///<path> of a file under MEDIA_ROOT, \
      redis://[user:pass@]host:port[/db]/<stream-key>, or a bare Redis stream key \
      (letters, digits and : _ - . / { })";
 
@@ -148,7 +168,26 @@ impl StreamRef {
                 )
             })?;
             match url.scheme() {
-                "http" | "https" if url.host_str().is_some() => Source::Hls(url),
+                "http" | "https" if url.host_str().is_some() => {
+                    if is_file_path(url.path()) {
+                        Source::File(FileLocation::Http(url))
+                    } else {
+                        Source::Hls(url)
+                    }
+                }
+                "file" => {
+                    let path = url
+                        .to_file_path()
+                        .ok()
+                        .filter(|_| url.host_str().is_none_or(str::is_empty))
+                        .ok_or_else(|| {
+                            Invalid::new(
+                                "stream_ref",
+                                "a file stream_ref must be file:///<absolute path> (no host)",
+                            )
+                        })?;
+                    Source::File(FileLocation::Local(path))
+                }
                 "redis" | "rediss" => Self::redis_url(url)?,
                 _ => return Err(Invalid::new("stream_ref", STREAM_REF_FORMS)),
             }
@@ -242,6 +281,15 @@ impl StreamRef {
     pub fn source(&self) -> &Source {
         &self.source
     }
+}
+
+/// A URL path naming a video file by its extension (case-insensitive).
+fn is_file_path(path: &str) -> bool {
+    path.rsplit_once('.').is_some_and(|(_, ext)| {
+        FILE_EXTENSIONS
+            .iter()
+            .any(|known| ext.eq_ignore_ascii_case(known))
+    })
 }
 
 fn is_stream_key(s: &str) -> bool {
@@ -420,6 +468,34 @@ mod tests {
     }
 
     #[test]
+    fn detects_files_by_extension_and_scheme() {
+        for url in [
+            "https://example.com/clips/a.mp4",
+            "http://127.0.0.1:8080/b.MKV?token=1",
+            "https://example.com/c.mov",
+            "https://example.com/d.ts",
+        ] {
+            let r = parse(url).unwrap();
+            assert_eq!(r.source().kind(), SourceType::File, "{url}");
+            assert!(matches!(r.source(), Source::File(FileLocation::Http(_))));
+        }
+        let r = parse("file:///media/cams/front.mp4").unwrap();
+        assert_eq!(
+            r.source(),
+            &Source::File(FileLocation::Local("/media/cams/front.mp4".into()))
+        );
+        // The URL parser removes dot segments: what is checked against MEDIA_ROOT is the
+        // path they lead to.
+        let r = parse("file:///media/../etc/passwd").unwrap();
+        assert_eq!(
+            r.source(),
+            &Source::File(FileLocation::Local("/etc/passwd".into()))
+        );
+        assert!(parse("https://example.com/live.m3u8/x")
+            .is_ok_and(|r| r.source().kind() == SourceType::Hls));
+    }
+
+    #[test]
     fn detects_redis_forms() {
         let r = parse("video_frames").unwrap();
         assert_eq!(
@@ -445,7 +521,7 @@ mod tests {
     fn refuses_other_forms_naming_the_accepted_ones() {
         for bad in [
             "ftp://x/y.m3u8",
-            "file:///etc/passwd",
+            "file://host/etc/passwd",
             "rtsp://cam/1",
             "has space",
             "",

@@ -10,7 +10,10 @@ use super::error::{ApiError, ErrorBody, Json, Path, Query};
 use super::AppState;
 use crate::answers::structured::ResponseFormat;
 use crate::answers::Output;
-use crate::domain::{Fps, Invalid, JobId, JobStatus, Priority, PromptText, SourceType, StreamRef};
+use crate::domain::{
+    FileLocation, Fps, Invalid, JobId, JobStatus, Priority, PromptText, Source, SourceType,
+    StreamRef,
+};
 use crate::jobs::{StartError, StartJob};
 use crate::store::{CancelOutcome, JobRecord, PromptVersion, ResultRecord};
 
@@ -313,6 +316,12 @@ impl StartRequest {
         let settings = &state.settings;
         let stream_ref =
             StreamRef::parse(&self.stream_ref, &settings.redis_host, settings.redis_port)?;
+        // A local file is checked now (MEDIA_ROOT, no way out of it, exists), and again when
+        // the pipeline opens it.
+        if let Source::File(FileLocation::Local(path)) = stream_ref.source() {
+            crate::ingest::file::resolve_local(settings.pipeline.media_root.as_deref(), path)
+                .map_err(|why| Invalid::new("stream_ref", why))?;
+        }
         let prompt = self
             .prompt
             .as_deref()
@@ -443,6 +452,7 @@ pub(super) async fn job_view(
         source_type: match job.source_type.as_str() {
             "redis" => SourceType::Redis,
             "replay" => SourceType::Replay,
+            "file" => SourceType::File,
             _ => SourceType::Hls,
         },
         model: job

@@ -90,6 +90,8 @@ pub struct PipelineSettings {
     pub allow_private_networks: bool,
     pub network_allowlist: Vec<String>,
     pub redis_block: Duration,
+    /// MEDIA_ROOT: the only directory local files are read from (`None`: none are).
+    pub media_root: Option<std::path::PathBuf>,
 }
 
 impl PipelineSettings {

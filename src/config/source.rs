@@ -96,7 +96,7 @@ impl Source {
             .map_err(|e| invalid(e.message.replace("stream_ref", "RESULTS_STREAM")))?;
         match parsed.source() {
             crate::domain::Source::Redis { server, key } => Ok(Some((server.clone(), key.clone()))),
-            crate::domain::Source::Hls(_) | crate::domain::Source::Replay { .. } => Err(invalid(
+            _ => Err(invalid(
                 "expected a Redis stream key or redis://host:port[/db]/key".into(),
             )),
         }
@@ -304,6 +304,9 @@ impl Source {
                 )?,
             },
             pipeline: PipelineSettings {
+                media_root: Some(self.raw("MEDIA_ROOT"))
+                    .filter(|r| !r.is_empty())
+                    .map(std::path::PathBuf::from),
                 max_input_height: self.ranged(
                     "MAX_INPUT_HEIGHT",
                     "pixels from 1 to 100000",

@@ -61,6 +61,7 @@ variables! {
     "SEGMENT_DECODE_TIMEOUT_SECS" = "30" : "A segment still decoding after this long is abandoned and counted.";
     "ALLOW_PRIVATE_NETWORKS" = "false" : "Allow HLS URLs that resolve to loopback, private, link-local or metadata addresses.";
     "NETWORK_ALLOWLIST" = "" : "Comma-separated hosts exempt from the private-address check.";
+    "MEDIA_ROOT" = "" : "Directory whose files jobs may read (stream_ref file:///<path> under it); empty: local files are refused.";
     "REDIS_BLOCK_MS" = "1000" : "How long one XREADGROUP waits for new entries.";
     "REDIS_HOST" = "localhost" : "Redis host for bare stream keys (the seed's form of stream_ref).";
     "REDIS_PORT" = "6379" : "Redis port for bare stream keys.";

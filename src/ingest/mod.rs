@@ -1,7 +1,9 @@
 //! Sources: where a job's media comes from. HLS over HTTP (playlists, segments, the SSRF
-//! guard) and Redis streams of encoded frames. Which one a job uses is decided from its
+//! guard), Redis streams of encoded frames, and whole files (local under MEDIA_ROOT, or
+//! over HTTP with Range requests). Which one a job uses is decided from its
 //! stream reference in [`crate::domain::StreamRef`].
 
+pub mod file;
 pub mod hls;
 pub mod redis;
 pub mod ssrf;

@@ -10,6 +10,7 @@
 //! The API talks to this handle and to the store, never to ingest or decoder internals.
 
 pub mod dispatch;
+mod files;
 pub mod pipeline;
 pub mod publish;
 

@@ -28,7 +28,9 @@ use crate::domain::{JobId, JobStatus, Source};
 use crate::ingest::hls::fetch::Fetcher;
 use crate::ingest::hls::{HlsEvent, HlsLimits, HlsSource};
 use crate::ingest::redis::{Acker, RedisSource, RedisSourceConfig};
-use crate::media::decode::{DecodeError, DecodeLimits, DecodeState, SegmentBytes, SegmentDecoder};
+use crate::media::decode::{
+    DecodeError, DecodeLimits, DecodeState, SegmentBytes, SegmentDecoder, SegmentOutcome,
+};
 use crate::media::sampler::Sampler;
 use crate::media::shape::Shaper;
 use crate::media::{EvidenceSpec, Frame, FrameSpec, Still};
@@ -54,12 +56,15 @@ pub struct Progress {
     pub hls_last_seq: Option<u64>,
     pub decode: Option<DecodeState>,
     pub sampler: Option<Sampler>,
+    /// A file job: where the next piece of the file starts (microseconds of its timestamps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_position: Option<i64>,
 }
 
 /// Where a sampled frame came from: what makes its result recognisable when work is
 /// repeated (`results.source_key`), and what is acknowledged once it is stored.
 #[derive(Debug, Clone)]
-enum Whence {
+pub(super) enum Whence {
     /// Video: its presentation time.
     Media,
     /// A Redis entry, acknowledged after its result is stored.
@@ -79,7 +84,7 @@ impl Whence {
 }
 
 /// What the writer receives, in sampling order.
-enum Pending {
+pub(super) enum Pending {
     Frame {
         pts_ms: i64,
         reply: oneshot::Receiver<Done>,
@@ -143,6 +148,10 @@ impl Pipeline {
                 }
                 Err(e) => return Outcome::Failed(format!("invalid Redis stream reference: {e}")),
             },
+            Source::File(location) => (
+                None,
+                self.file(location, progress, &lane, pending_tx).boxed(),
+            ),
             Source::Replay { job_id, from, to } => (
                 None,
                 self.replay(job_id.into(), from, to, &lane, pending_tx)
@@ -277,37 +286,12 @@ impl Pipeline {
                         Ok(out) => {
                             decode = st;
                             sampler = sm;
-                            Stats::add(&self.stats.frames_decoded, out.frames_decoded);
-                            Stats::add(&self.stats.corrupt_packets, out.corrupt);
-                            Stats::add(&self.stats.frames_sampled, out.frames.len() as u64);
-                            if out.timed_out {
-                                Stats::add(&self.stats.segments_timed_out, 1);
-                            }
-                            for shaped in out.frames {
-                                let sent = match shaped {
-                                    Ok(frame) => {
-                                        self.submit(lane, frame, Whence::Media, &pending, &stop)
-                                            .await
-                                    }
-                                    Err(unshaped) => {
-                                        tracing::warn!(job_id = %self.job_id, pts_ms = unshaped.pts_ms, why = %unshaped.why, "sampled frame not usable");
-                                        self.refuse(
-                                            unshaped.pts_ms,
-                                            unshaped.why,
-                                            Whence::Media,
-                                            &pending,
-                                        )
-                                        .await
-                                    }
-                                };
-                                if !sent {
-                                    break;
-                                }
-                            }
+                            self.deliver(out, lane, &pending, &stop).await;
                             let checkpoint = Progress {
                                 hls_last_seq: Some(seq),
                                 decode: Some(decode.clone()),
                                 sampler: Some(sampler.clone()),
+                                file_position: None,
                             };
                             if pending.send(Pending::Checkpoint(checkpoint)).await.is_err() {
                                 break;
@@ -337,6 +321,38 @@ impl Pipeline {
             Ok(Err(e)) => Outcome::Failed(e.to_string()),
             Err(_) => Outcome::Failed("the HLS source crashed".into()),
         }
+    }
+
+    /// Counts what a decoded segment (or piece of a file) gave and sends its frames on, each
+    /// to the model or, when it could not be shaped, as its slot's error result. False when
+    /// the job is stopping.
+    pub(super) async fn deliver(
+        &self,
+        out: SegmentOutcome,
+        lane: &LaneHandle<Work>,
+        pending: &mpsc::Sender<Pending>,
+        stop: &CancellationToken,
+    ) -> bool {
+        Stats::add(&self.stats.frames_decoded, out.frames_decoded);
+        Stats::add(&self.stats.corrupt_packets, out.corrupt);
+        Stats::add(&self.stats.frames_sampled, out.frames.len() as u64);
+        if out.timed_out {
+            Stats::add(&self.stats.segments_timed_out, 1);
+        }
+        for shaped in out.frames {
+            let sent = match shaped {
+                Ok(frame) => self.submit(lane, frame, Whence::Media, pending, stop).await,
+                Err(unshaped) => {
+                    tracing::warn!(job_id = %self.job_id, pts_ms = unshaped.pts_ms, why = %unshaped.why, "sampled frame not usable");
+                    self.refuse(unshaped.pts_ms, unshaped.why, Whence::Media, pending)
+                        .await
+                }
+            };
+            if !sent {
+                return false;
+            }
+        }
+        true
     }
 
     fn redis_source(&self, server: Url, key: String) -> Result<RedisSource, redis::RedisError> {
@@ -503,7 +519,7 @@ impl Pipeline {
 
     /// Gives a sampled frame that never reached the model its error result, in its place in
     /// the order (batch size 0); false once the writer is gone.
-    async fn refuse(
+    pub(super) async fn refuse(
         &self,
         pts_ms: i64,
         why: String,
@@ -524,7 +540,7 @@ impl Pipeline {
 
     /// Queues a frame for the model and tells the writer to expect its answer. A full live
     /// lane drops its oldest frame (counted); returns false once the pipeline is stopping.
-    async fn submit(
+    pub(super) async fn submit(
         &self,
         lane: &LaneHandle<Work>,
         mut frame: Frame,

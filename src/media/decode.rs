@@ -215,8 +215,7 @@ impl SegmentDecoder {
             duration_ms,
             discontinuity,
         } = segment;
-        let limits = &self.limits;
-        let deadline = Instant::now() + limits.deadline;
+        let deadline = Instant::now() + self.limits.deadline;
         let io = format::context::StreamIo::from_read_seek(Cursor::new(bytes))
             .map_err(|e| DecodeError::Unreadable(e.to_string()))?;
         let mut options = Dictionary::new();
@@ -226,21 +225,13 @@ impl SegmentDecoder {
                 Instant::now() > deadline
             })
             .map_err(|e| DecodeError::Unreadable(e.to_string()))?;
-        let stream = input
-            .streams()
-            .best(media::Type::Video)
-            .ok_or(DecodeError::NoVideo)?;
-        let index = stream.index();
-        let tb = stream.time_base();
-        let tick_ms = f64::from(tb.numerator()) * 1000.0 / f64::from(tb.denominator().max(1));
-        let parameters = stream.parameters();
-
+        let video = VideoStream::best(&input)?;
         let mut out = SegmentOutcome::default();
         let mut packets = Vec::new();
         loop {
             let mut packet = Packet::empty();
             match packet.read(&mut input) {
-                Ok(()) if packet.stream() == index => packets.push(packet),
+                Ok(()) if packet.stream() == video.index => packets.push(packet),
                 Ok(()) => {}
                 Err(ffmpeg::Error::Eof) => break,
                 Err(ffmpeg::Error::InvalidData) => out.corrupt += 1,
@@ -254,10 +245,63 @@ impl SegmentDecoder {
                 }
             }
         }
+        let chunk = Chunk {
+            packets,
+            duration_ms: Some(duration_ms),
+            discontinuity,
+        };
+        self.decode_packets(&video, chunk, deadline, state, sampler, out)
+    }
+
+    /// [`SegmentDecoder::decode_packets`], then readies the decoder for the next chunk as
+    /// [`SegmentDecoder::decode`] does.
+    pub(super) fn decode_chunk(
+        &mut self,
+        video: &VideoStream,
+        chunk: Chunk,
+        deadline: Instant,
+        state: &mut DecodeState,
+        sampler: &mut Sampler,
+        out: SegmentOutcome,
+    ) -> Result<SegmentOutcome, DecodeError> {
+        let result = self.decode_packets(video, chunk, deadline, state, sampler, out);
+        if let Some(open) = self.open.as_mut() {
+            open.decoder.flush();
+        }
+        result
+    }
+
+    /// Decodes a run of one video stream's packets (a segment, or a piece of a file cut at a
+    /// keyframe) into the frames `sampler` keeps; `out` may already count what demuxing found.
+    pub(super) fn decode_packets(
+        &mut self,
+        video: &VideoStream,
+        chunk: Chunk,
+        deadline: Instant,
+        state: &mut DecodeState,
+        sampler: &mut Sampler,
+        mut out: SegmentOutcome,
+    ) -> Result<SegmentOutcome, DecodeError> {
+        let Chunk {
+            packets,
+            duration_ms,
+            discontinuity,
+        } = chunk;
+        let limits = &self.limits;
+        let tick_ms = video.tick_ms;
+        let parameters = video.parameters.clone();
         let raw_ms = |p: &Packet| p.pts().or(p.dts()).map(|t| t as f64 * tick_ms);
         let Some(raw_start) = packets.iter().filter_map(raw_ms).reduce(f64::min) else {
             return Err(DecodeError::Unreadable("no video packets".into()));
         };
+        let duration_ms = duration_ms.unwrap_or_else(|| {
+            let last = packets
+                .iter()
+                .filter_map(raw_ms)
+                .reduce(f64::max)
+                .unwrap_or(raw_start);
+            last - raw_start + typical_frame_ms(&packets, tick_ms).unwrap_or(0.0)
+        });
         let tolerance = duration_ms.max(1000.0);
         state
             .timeline
@@ -376,6 +420,37 @@ impl SegmentDecoder {
         }
         Ok(out)
     }
+}
+
+/// The video stream a demuxer reads: where its packets are, their time base, its codec.
+pub(super) struct VideoStream {
+    pub index: usize,
+    pub tick_ms: f64,
+    pub parameters: codec::Parameters,
+}
+
+impl VideoStream {
+    /// The input's best video stream.
+    pub fn best(input: &format::context::Input) -> Result<Self, DecodeError> {
+        let stream = input
+            .streams()
+            .best(media::Type::Video)
+            .ok_or(DecodeError::NoVideo)?;
+        let tb = stream.time_base();
+        Ok(Self {
+            index: stream.index(),
+            tick_ms: f64::from(tb.numerator()) * 1000.0 / f64::from(tb.denominator().max(1)),
+            parameters: stream.parameters(),
+        })
+    }
+}
+
+/// Packets of one video stream in decode order, starting at a keyframe where the source
+/// allows, with how long they last (a segment's playlist duration; unknown: their span).
+pub(super) struct Chunk {
+    pub packets: Vec<Packet>,
+    pub duration_ms: Option<f64>,
+    pub discontinuity: bool,
 }
 
 /// Opens a single-threaded video decoder for a stream (one thread per stream: streams run in

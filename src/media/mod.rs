@@ -5,9 +5,12 @@
 //! blocking thread over bytes the service fetched itself (ffmpeg never opens a URL) with the
 //! demuxers limited to MPEG-TS and MP4/fMP4. [`shape`] turns each kept picture into what the
 //! model backend asked for ([`FrameSpec`]: size, JPEG or RGB) in the same thread, with
-//! swscale and [`jpeg`] (libjpeg-turbo), so queues hold only that.
+//! swscale and [`jpeg`] (libjpeg-turbo), so queues hold only that. [`file`] cuts a whole
+//! file (local, or read over HTTP with Range requests) into keyframe-aligned pieces that go
+//! through the same decoder.
 
 pub mod decode;
+pub mod file;
 pub mod jpeg;
 pub mod resample;
 pub mod sampler;

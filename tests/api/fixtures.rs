@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{StatusCode, Uri};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -271,6 +271,8 @@ struct OriginState {
     root: PathBuf,
     routes: Mutex<HashMap<String, Route>>,
     log: Mutex<Vec<(Instant, String)>>,
+    /// `Range` headers of the requests for files, in order.
+    ranges: Mutex<Vec<String>>,
 }
 
 /// An HLS origin on 127.0.0.1 serving files under a folder, with routes overridden per path.
@@ -316,6 +318,11 @@ impl Origin {
             .collect()
     }
 
+    /// The `Range` headers file requests carried, in order.
+    pub fn ranges(&self) -> Vec<String> {
+        self.state.ranges.lock().unwrap().clone()
+    }
+
     /// Requests made after `t`.
     pub fn requests_since(&self, t: Instant) -> usize {
         self.state
@@ -328,7 +335,7 @@ impl Origin {
     }
 }
 
-async fn serve(State(state): State<Arc<OriginState>>, uri: Uri) -> Response {
+async fn serve(State(state): State<Arc<OriginState>>, uri: Uri, headers: HeaderMap) -> Response {
     let path = uri.path().to_owned();
     state
         .log
@@ -345,10 +352,78 @@ async fn serve(State(state): State<Arc<OriginState>>, uri: Uri) -> Response {
         )
             .into_response(),
         None => match std::fs::read(state.root.join(path.trim_start_matches('/'))) {
-            Ok(bytes) => Body::from(bytes).into_response(),
+            Ok(bytes) => match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+                Some(range) => {
+                    state.ranges.lock().unwrap().push(range.to_owned());
+                    partial(bytes, range)
+                }
+                None => Body::from(bytes).into_response(),
+            },
             Err(_) => StatusCode::NOT_FOUND.into_response(),
         },
     }
+}
+
+/// A 206 answer to `Range: bytes=a-b` (or `a-`), as RFC 9110 words it; 416 past the end.
+fn partial(bytes: Vec<u8>, range: &str) -> Response {
+    let len = bytes.len() as u64;
+    let parsed = range.strip_prefix("bytes=").and_then(|r| r.split_once('-'));
+    let Some((start, end)) = parsed.and_then(|(a, b)| {
+        let a: u64 = a.parse().ok()?;
+        let b: u64 = if b.is_empty() {
+            len.saturating_sub(1)
+        } else {
+            b.parse().ok()?
+        };
+        Some((a, b.min(len.saturating_sub(1))))
+    }) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    if start >= len || start > end {
+        return (
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            [(header::CONTENT_RANGE, format!("bytes */{len}"))],
+        )
+            .into_response();
+    }
+    (
+        StatusCode::PARTIAL_CONTENT,
+        [(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"))],
+        Body::from(bytes[start as usize..=end as usize].to_vec()),
+    )
+        .into_response()
+}
+
+/// A `seconds`-long 320x180 file of the brightness ramp at `dir/name`, its container chosen
+/// by the extension (an MP4 keeps ffmpeg's default: its index, `moov`, at the end).
+pub fn make_file(dir: &Path, name: &str, seconds: f64) -> PathBuf {
+    let out = dir.join(name);
+    let filter = format!(
+        "color=c=black:s=320x180:r=30:d={seconds},geq=lum='16+T*{LUMA_PER_SECOND}':cb=128:cr=128,format=yuv420p"
+    );
+    let status = Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            &filter,
+        ])
+        .args([
+            "-c:v", "libx264", "-preset", "veryfast", "-bf", "2", "-g", "30",
+        ])
+        // The HLS fixtures' GOP (a keyframe each second, B-B-P): the sampled frames land on
+        // the same pictures, so pts_ms are whole multiples of the sampling interval.
+        .args(["-keyint_min", "30", "-sc_threshold", "0"])
+        .args(["-force_key_frames", "expr:gte(t,n_forced*1)"])
+        .arg(&out)
+        .status()
+        .expect("the ffmpeg CLI is installed (scripts/test installs it)");
+    assert!(status.success(), "ffmpeg failed to make {name}");
+    out
 }
 
 /// What the model server was asked.

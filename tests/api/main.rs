@@ -9,6 +9,7 @@ mod dashboard;
 mod deploy;
 mod errors;
 mod evidence;
+mod files;
 mod frames;
 mod health;
 mod jobs;

@@ -96,6 +96,19 @@ impl Fetcher {
         limit: usize,
         cancel: &CancellationToken,
     ) -> Result<Vec<u8>, FetchError> {
+        self.fetch_sized(resource, limit, cancel)
+            .await
+            .map(|f| f.body)
+    }
+
+    /// [`Fetcher::fetch`], saying also how large the whole resource is and whether the
+    /// server honoured the range.
+    pub async fn fetch_sized(
+        &self,
+        resource: &Resource,
+        limit: usize,
+        cancel: &CancellationToken,
+    ) -> Result<Fetched, FetchError> {
         let mut attempt = 0;
         loop {
             let result = tokio::select! {
@@ -122,7 +135,7 @@ impl Fetcher {
         }
     }
 
-    async fn fetch_once(&self, resource: &Resource, limit: usize) -> Result<Vec<u8>, FetchError> {
+    async fn fetch_once(&self, resource: &Resource, limit: usize) -> Result<Fetched, FetchError> {
         let url = &resource.url;
         self.policy.check_url(url)?;
         let mut req = self.client.get(url.clone());
@@ -151,6 +164,16 @@ impl Fetcher {
                 limit,
             });
         }
+        let total = if status == StatusCode::PARTIAL_CONTENT {
+            resp.headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.rsplit_once('/'))
+                .and_then(|(_, total)| total.trim().parse().ok())
+        } else {
+            resp.content_length()
+        };
+        let ranged = status == StatusCode::PARTIAL_CONTENT;
         let mut body = Vec::with_capacity(
             resp.content_length().unwrap_or(64 * 1024).min(limit as u64) as usize,
         );
@@ -164,13 +187,28 @@ impl Fetcher {
             body.extend_from_slice(&chunk);
         }
         // A server that ignores Range sends the whole resource: cut the part out.
+        let total = total.or(Some(body.len() as u64).filter(|_| !ranged));
         if let (Some(r), StatusCode::OK) = (resource.range, status) {
             let start = (r.offset as usize).min(body.len());
             let end = (start + r.length as usize).min(body.len());
             body = body[start..end].to_vec();
         }
-        Ok(body)
+        Ok(Fetched {
+            body,
+            total,
+            ranged,
+        })
     }
+}
+
+/// What one fetch brought.
+#[derive(Debug)]
+pub struct Fetched {
+    pub body: Vec<u8>,
+    /// The whole resource's size, when the server said it.
+    pub total: Option<u64>,
+    /// The server answered the range with 206 (false: it sent the whole resource).
+    pub ranged: bool,
 }
 
 fn classify(url: &Url, e: reqwest::Error) -> FetchError {
