@@ -10,7 +10,7 @@ use super::pipeline::{Outcome, Pending, Pipeline, Progress};
 use crate::batch::LaneHandle;
 use crate::domain::FileLocation;
 use crate::ingest::file::{resolve_local, RangeReader};
-use crate::media::decode::{DecodeError, DecodeLimits, SegmentOutcome};
+use crate::media::decode::{DecodeError, SegmentOutcome};
 use crate::media::file::{FileDecoder, Position};
 use crate::media::sampler::Sampler;
 use crate::stats::Stats;
@@ -38,11 +38,7 @@ impl Pipeline {
     ) -> Outcome {
         let p = &self.settings.pipeline;
         let stop = self.cancel.child_token();
-        let limits = DecodeLimits {
-            max_frame_pixels: p.max_frame_pixels,
-            deadline: p.segment_decode_timeout,
-            fast: p.fast_decode,
-        };
+        let limits = self.decode_limits();
         let (spec, evidence) = (self.spec, self.evidence);
         let resume = progress.file_position;
         if resume == Some(END) {

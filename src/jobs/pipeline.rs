@@ -227,17 +227,8 @@ impl Pipeline {
         let mut sampler = progress
             .sampler
             .unwrap_or_else(|| Sampler::new(self.job.fps));
-        let mut decoder = Some(
-            SegmentDecoder::new(
-                DecodeLimits {
-                    max_frame_pixels: p.max_frame_pixels,
-                    deadline: p.segment_decode_timeout,
-                    fast: p.fast_decode,
-                },
-                self.spec,
-            )
-            .with_evidence(self.evidence),
-        );
+        let mut decoder =
+            Some(SegmentDecoder::new(self.decode_limits(), self.spec).with_evidence(self.evidence));
         let mut failure = None;
         while let Some(event) = tokio::select! { _ = stop.cancelled() => None, e = rx.recv() => e }
         {
@@ -320,6 +311,16 @@ impl Pipeline {
             Ok(Ok(())) => Outcome::Completed,
             Ok(Err(e)) => Outcome::Failed(e.to_string()),
             Err(_) => Outcome::Failed("the HLS source crashed".into()),
+        }
+    }
+
+    /// The decoder's limits, as the settings say.
+    pub(super) fn decode_limits(&self) -> DecodeLimits {
+        let p = &self.settings.pipeline;
+        DecodeLimits {
+            max_frame_pixels: p.max_frame_pixels,
+            deadline: p.segment_decode_timeout,
+            fast: p.fast_decode,
         }
     }
 

@@ -195,13 +195,17 @@ impl SegmentDecoder {
         sampler: &mut Sampler,
     ) -> Result<SegmentOutcome, DecodeError> {
         let result = self.run(segment, state, sampler);
-        // Ready for the next segment, whatever became of this one. Flushing keeps the parameter
-        // sets the decoder has seen: streams that send them only at the start (open-GOP
-        // encodes whose keyframes are not IDR) still decode after a corrupt segment.
+        self.ready_for_next();
+        result
+    }
+
+    /// Ready for the next segment or piece, whatever became of this one. Flushing keeps the
+    /// parameter sets the decoder has seen: streams that send them only at the start
+    /// (open-GOP encodes whose keyframes are not IDR) still decode after a corrupt segment.
+    pub(super) fn ready_for_next(&mut self) {
         if let Some(open) = self.open.as_mut() {
             open.decoder.flush();
         }
-        result
     }
 
     fn run(
@@ -251,24 +255,6 @@ impl SegmentDecoder {
             discontinuity,
         };
         self.decode_packets(&video, chunk, deadline, state, sampler, out)
-    }
-
-    /// [`SegmentDecoder::decode_packets`], then readies the decoder for the next chunk as
-    /// [`SegmentDecoder::decode`] does.
-    pub(super) fn decode_chunk(
-        &mut self,
-        video: &VideoStream,
-        chunk: Chunk,
-        deadline: Instant,
-        state: &mut DecodeState,
-        sampler: &mut Sampler,
-        out: SegmentOutcome,
-    ) -> Result<SegmentOutcome, DecodeError> {
-        let result = self.decode_packets(video, chunk, deadline, state, sampler, out);
-        if let Some(open) = self.open.as_mut() {
-            open.decoder.flush();
-        }
-        result
     }
 
     /// Decodes a run of one video stream's packets (a segment, or a piece of a file cut at a

@@ -148,7 +148,9 @@ impl FileDecoder {
         };
         let out = self
             .decoder
-            .decode_chunk(&self.video, chunk, deadline, state, sampler, out)?;
+            .decode_packets(&self.video, chunk, deadline, state, sampler, out);
+        self.decoder.ready_for_next();
+        let out = out?;
         let next = next_ms.map(|t| (t * 1000.0).round() as Position);
         Ok(Some((out, next)))
     }

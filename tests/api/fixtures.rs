@@ -145,22 +145,8 @@ fn make_hls_lit(
         "color=c=black:s={width}x{height}:r=30:d={seconds},geq=lum='{lum}':cb=128:cr=128,\
          format=yuv444p,scale=out_range={range},format={pix_fmt}"
     );
-    let mut cmd = Command::new("ffmpeg");
+    let mut cmd = x264_from_lavfi(&filter, pix_fmt);
     cmd.current_dir(&out)
-        .args([
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            &filter,
-        ])
-        .args([
-            "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", pix_fmt, "-bf", "2",
-        ])
-        .args(["-g", "30", "-keyint_min", "30", "-sc_threshold", "0"])
         .args(if container == Container::TsOpenGop {
             &["-x264-params", "open-gop=1"][..]
         } else {
@@ -394,6 +380,28 @@ fn partial(bytes: Vec<u8>, range: &str) -> Response {
         .into_response()
 }
 
+/// ffmpeg encoding a lavfi `filter` graph with x264 as every test clip is: B-frames
+/// (B-B-P), a keyframe every 30 frames and no scene-cut keyframes, so sampled frames land on
+/// the same pictures in every container.
+fn x264_from_lavfi(filter: &str, pix_fmt: &str) -> Command {
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args([
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-y",
+        "-f",
+        "lavfi",
+        "-i",
+        filter,
+    ])
+    .args([
+        "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", pix_fmt, "-bf", "2",
+    ])
+    .args(["-g", "30", "-keyint_min", "30", "-sc_threshold", "0"]);
+    cmd
+}
+
 /// A `seconds`-long 320x180 file of the brightness ramp at `dir/name`, its container chosen
 /// by the extension (an MP4 keeps ffmpeg's default: its index, `moov`, at the end).
 pub fn make_file(dir: &Path, name: &str, seconds: f64) -> PathBuf {
@@ -401,23 +409,7 @@ pub fn make_file(dir: &Path, name: &str, seconds: f64) -> PathBuf {
     let filter = format!(
         "color=c=black:s=320x180:r=30:d={seconds},geq=lum='16+T*{LUMA_PER_SECOND}':cb=128:cr=128,format=yuv420p"
     );
-    let status = Command::new("ffmpeg")
-        .args([
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            &filter,
-        ])
-        .args([
-            "-c:v", "libx264", "-preset", "veryfast", "-bf", "2", "-g", "30",
-        ])
-        // The HLS fixtures' GOP (a keyframe each second, B-B-P): the sampled frames land on
-        // the same pictures, so pts_ms are whole multiples of the sampling interval.
-        .args(["-keyint_min", "30", "-sc_threshold", "0"])
+    let status = x264_from_lavfi(&filter, "yuv420p")
         .args(["-force_key_frames", "expr:gte(t,n_forced*1)"])
         .arg(&out)
         .status()
