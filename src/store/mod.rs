@@ -387,6 +387,15 @@ impl Store {
                     })
                 })
         };
+        // `sqlite://PATH` is created on first start, as the setting says, also when the URL
+        // does not ask for it with `mode=rwc` (SQLite's default is to open existing files only).
+        let created;
+        let url = if sqlite && !url.contains("mode=") && file_lock.is_some() {
+            created = format!("{url}{}mode=rwc", if url.contains('?') { '&' } else { '?' });
+            created.as_str()
+        } else {
+            url
+        };
         let pool = options(max_connections, 5).connect(url).await?;
         let writer = if sqlite && file_lock.is_some() {
             options(1, 30).connect(url).await?
@@ -633,3 +642,19 @@ mod results;
 
 pub use leases::{Lease, Takeover};
 pub use push::{Delivery, EndpointKind, EndpointSummary, GlobalWebhook, JobEvent, Resend};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_sqlite_file_is_created_without_mode_rwc_in_the_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("new/free-roam.db");
+        let store = Store::connect(&format!("sqlite://{}", file.display()), 2)
+            .await
+            .expect("the file is created");
+        store.migrate().await.unwrap();
+        assert!(file.is_file());
+    }
+}
