@@ -172,14 +172,19 @@ impl utoipa::Modify for CommonErrors {
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Redoc's script, embedded (npm's redoc 2.5.4 bundle): `/redoc` loads nothing from a CDN.
+/// The bundle's one remote URL, the "API docs by Redocly" logo, is pointed at our own icon.
 async fn redoc_script() -> impl axum::response::IntoResponse {
     use axum::http::header;
+    static SCRIPT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        include_str!("../../assets/vendor/redoc.standalone.js")
+            .replace("https://cdn.redoc.ly/redoc/logo-mini.svg", "/ui/icon.svg")
+    });
     (
         [
             (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
             (header::CACHE_CONTROL, "public, max-age=86400"),
         ],
-        include_str!("../../assets/vendor/redoc.standalone.js"),
+        SCRIPT.as_str(),
     )
 }
 

@@ -204,5 +204,10 @@ async fn openapi_covers_every_route_and_docs_are_served() {
         .to_str()
         .unwrap()
         .starts_with("text/javascript"));
-    assert!(script.text().await.unwrap().contains("Redoc"));
+    let script = script.text().await.unwrap();
+    assert!(script.contains("Redoc"));
+    assert!(
+        !script.contains("https://cdn.") && !script.contains("http://cdn."),
+        "the script loads nothing from a CDN"
+    );
 }
