@@ -9,7 +9,10 @@ if [[ "${1:-}" == "--services" ]]; then
   # Tests also validate deploy/ with kubernetes-validate and verify webhooks with the Standard
   # Webhooks reference library, both from PyPI into a venv; the dashboard's browser test drives
   # Debian's headless Chromium through chromedriver with selenium (PyPI, same venv).
-  pkgs+=(redis-server postgresql postgresql-client python3-venv chromium chromium-driver)
+  # RTSP tests run GStreamer's RTSP server (tests/rtsp_server.py) on Debian's python3.
+  pkgs+=(redis-server postgresql postgresql-client python3-venv chromium chromium-driver
+         python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base
+         gstreamer1.0-plugins-good gstreamer1.0-plugins-bad)
 fi
 
 missing=()

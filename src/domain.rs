@@ -86,6 +86,8 @@ pub enum Source {
     Replay { job_id: String, from: i64, to: i64 },
     /// A whole video file, read once from start to end like a VOD.
     File(FileLocation),
+    /// An `rtsp://` or `rtsps://` camera or server (credentials in the URL's userinfo).
+    Rtsp(Url),
 }
 
 /// Where a file job's file is.
@@ -108,6 +110,7 @@ impl Source {
             Source::Redis { .. } => SourceType::Redis,
             Source::Replay { .. } => SourceType::Replay,
             Source::File(_) => SourceType::File,
+            Source::Rtsp(_) => SourceType::Rtsp,
         }
     }
 }
@@ -119,6 +122,7 @@ pub enum SourceType {
     Redis,
     Replay,
     File,
+    Rtsp,
 }
 
 impl SourceType {
@@ -128,6 +132,7 @@ impl SourceType {
             SourceType::Redis => "redis",
             SourceType::Replay => "replay",
             SourceType::File => "file",
+            SourceType::Rtsp => "rtsp",
         }
     }
 }
@@ -140,6 +145,7 @@ pub struct StreamRef {
 }
 
 const STREAM_REF_FORMS: &str = "stream_ref must be an http(s):// HLS playlist URL, \
+     an rtsp:// or rtsps:// camera URL (rtsp://user:password@host:port/path), \
      an http(s):// URL of a video file (ending in .mp4, .m4v, .mov, .mkv, .webm or .ts), \
      file:///<path> of a file under MEDIA_ROOT, \
      redis://[user:pass@]host:port[/db]/<stream-key>, or a bare Redis stream key \
@@ -189,6 +195,9 @@ impl StreamRef {
                     Source::File(FileLocation::Local(path))
                 }
                 "redis" | "rediss" => Self::redis_url(url)?,
+                "rtsp" | "rtsps" if url.host_str().is_some_and(|h| !h.is_empty()) => {
+                    Source::Rtsp(url)
+                }
                 _ => return Err(Invalid::new("stream_ref", STREAM_REF_FORMS)),
             }
         } else if is_stream_key(raw) {
@@ -496,6 +505,17 @@ mod tests {
     }
 
     #[test]
+    fn detects_rtsp_cameras() {
+        let r = parse("rtsp://admin:s3cret@10.0.0.7:554/Streaming/Channels/101").unwrap();
+        assert_eq!(r.source().kind(), SourceType::Rtsp);
+        assert!(parse("rtsps://cam.example.com/live").is_ok());
+        assert_eq!(
+            redacted_url(r.as_str()),
+            "rtsp://admin:***@10.0.0.7:554/Streaming/Channels/101"
+        );
+    }
+
+    #[test]
     fn detects_redis_forms() {
         let r = parse("video_frames").unwrap();
         assert_eq!(
@@ -522,7 +542,7 @@ mod tests {
         for bad in [
             "ftp://x/y.m3u8",
             "file://host/etc/passwd",
-            "rtsp://cam/1",
+            "rtsp:///no-host",
             "has space",
             "",
             "redis://host:1/",

@@ -93,6 +93,13 @@ impl Stats {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    pub fn source_state(&self) -> String {
+        self.source_state
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
     pub fn set_source_state(&self, state: impl Into<String>) {
         if let Ok(mut s) = self.source_state.lock() {
             *s = state.into();

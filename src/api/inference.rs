@@ -441,7 +441,8 @@ pub(super) async fn job_view(
             .map(|p: &PromptVersion| p.scope.name().to_owned()),
         job_id: job.job_id,
         status: job.status,
-        stream_ref: job.stream_ref,
+        // A password in the reference (rtsp://, redis://, http:// userinfo) is never shown.
+        stream_ref: crate::domain::redacted_url(&job.stream_ref),
         fps: job.fps,
         created_at: job.created_at,
         started_at: job.started_at,
@@ -453,6 +454,7 @@ pub(super) async fn job_view(
             "redis" => SourceType::Redis,
             "replay" => SourceType::Replay,
             "file" => SourceType::File,
+            "rtsp" => SourceType::Rtsp,
             _ => SourceType::Hls,
         },
         model: job

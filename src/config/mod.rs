@@ -92,6 +92,18 @@ pub struct PipelineSettings {
     pub redis_block: Duration,
     /// MEDIA_ROOT: the only directory local files are read from (`None`: none are).
     pub media_root: Option<std::path::PathBuf>,
+    pub rtsp: RtspSettings,
+}
+
+/// How RTSP sources connect and when they give up.
+#[derive(Debug, Clone)]
+pub struct RtspSettings {
+    /// RTSP_TRANSPORT=udp (else TCP-interleaved).
+    pub udp: bool,
+    /// No frame for this long: reconnect.
+    pub stall: Duration,
+    /// No successful connection for this long: the job fails.
+    pub give_up: Duration,
 }
 
 impl PipelineSettings {

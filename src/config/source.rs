@@ -304,6 +304,23 @@ impl Source {
                 )?,
             },
             pipeline: PipelineSettings {
+                rtsp: crate::config::RtspSettings {
+                    udp: match self.raw("RTSP_TRANSPORT").to_ascii_lowercase().as_str() {
+                        "tcp" => false,
+                        "udp" => true,
+                        _ => return Err(self.invalid("RTSP_TRANSPORT", "expected tcp or udp")),
+                    },
+                    stall: Duration::from_secs(self.ranged(
+                        "RTSP_STALL_SECS",
+                        "seconds from 1 to 3600",
+                        |v: &u64| (1..=3600).contains(v),
+                    )?),
+                    give_up: Duration::from_secs(self.ranged(
+                        "RTSP_GIVE_UP_SECS",
+                        "seconds from 1 to 604800",
+                        |v: &u64| (1..=604_800).contains(v),
+                    )?),
+                },
                 media_root: Some(self.raw("MEDIA_ROOT"))
                     .filter(|r| !r.is_empty())
                     .map(std::path::PathBuf::from),

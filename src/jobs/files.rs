@@ -178,9 +178,9 @@ fn progress_after(
     next: Option<Position>,
 ) -> Progress {
     Progress {
-        hls_last_seq: None,
         decode: Some(decode.clone()),
         sampler: Some(sampler.clone()),
         file_position: Some(next.unwrap_or(END)),
+        ..Progress::default()
     }
 }

@@ -9,6 +9,7 @@
 //!
 //! The API talks to this handle and to the store, never to ingest or decoder internals.
 
+mod cameras;
 pub mod dispatch;
 mod files;
 pub mod pipeline;

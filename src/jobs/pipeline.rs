@@ -49,6 +49,22 @@ pub enum Outcome {
     Stopped,
 }
 
+/// How a job whose source ran as its own task ended: the pipeline's own failure first, then
+/// the source's; `at_end` when the source ended by itself.
+pub(super) fn source_ended<E: std::fmt::Display>(
+    failure: Option<String>,
+    source: Result<Result<(), E>, tokio::task::JoinError>,
+    at_end: Outcome,
+    kind: &str,
+) -> Outcome {
+    match (failure, source) {
+        (Some(f), _) => Outcome::Failed(f),
+        (None, Ok(Ok(()))) => at_end,
+        (None, Ok(Err(e))) => Outcome::Failed(e.to_string()),
+        (None, Err(_)) => Outcome::Failed(format!("the {kind} source crashed")),
+    }
+}
+
 /// What a restart needs, saved in `jobs.progress`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Progress {
@@ -59,6 +75,9 @@ pub struct Progress {
     /// A file job: where the next piece of the file starts (microseconds of its timestamps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file_position: Option<i64>,
+    /// An RTSP job: where its timeline goes on after a restart (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtsp_next_ms: Option<i64>,
 }
 
 /// Where a sampled frame came from: what makes its result recognisable when work is
@@ -148,6 +167,7 @@ impl Pipeline {
                 }
                 Err(e) => return Outcome::Failed(format!("invalid Redis stream reference: {e}")),
             },
+            Source::Rtsp(url) => (None, self.rtsp(url, progress, &lane, pending_tx).boxed()),
             Source::File(location) => (
                 None,
                 self.file(location, progress, &lane, pending_tx).boxed(),
@@ -282,7 +302,7 @@ impl Pipeline {
                                 hls_last_seq: Some(seq),
                                 decode: Some(decode.clone()),
                                 sampler: Some(sampler.clone()),
-                                file_position: None,
+                                ..Progress::default()
                             };
                             if pending.send(Pending::Checkpoint(checkpoint)).await.is_err() {
                                 break;
@@ -303,15 +323,7 @@ impl Pipeline {
         }
         drop(pending);
         stop.cancel();
-        let source_result = source_task.await;
-        if let Some(f) = failure {
-            return Outcome::Failed(f);
-        }
-        match source_result {
-            Ok(Ok(())) => Outcome::Completed,
-            Ok(Err(e)) => Outcome::Failed(e.to_string()),
-            Err(_) => Outcome::Failed("the HLS source crashed".into()),
-        }
+        source_ended(failure, source_task.await, Outcome::Completed, "HLS")
     }
 
     /// The decoder's limits, as the settings say.

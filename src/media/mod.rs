@@ -16,6 +16,7 @@ pub mod resample;
 pub mod sampler;
 pub mod shape;
 pub mod timeline;
+pub mod units;
 
 /// How big the pictures a backend takes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

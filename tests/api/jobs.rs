@@ -113,16 +113,24 @@ async fn redis_stream_refs_are_detected(db: Db) {
     let bad = app
         .post(
             "/api/v1/inference/start",
-            json!({"stream_ref": "rtsp://camera/1"}),
+            json!({"stream_ref": "ftp://camera/1"}),
         )
         .await;
     assert_error(&bad, StatusCode::UNPROCESSABLE_ENTITY, "validation_error");
     assert_eq!(bad.body["error"]["param"], "stream_ref");
     let msg = bad.body["detail"].as_str().unwrap();
-    assert!(
-        msg.contains("http(s)://") && msg.contains("redis://"),
-        "says which forms are accepted: {msg}"
-    );
+    for form in [
+        "http(s)://",
+        "rtsp://",
+        "file:///",
+        "redis://",
+        "bare Redis stream key",
+    ] {
+        assert!(
+            msg.contains(form),
+            "says which forms are accepted ({form}): {msg}"
+        );
+    }
 }
 
 async fn cancel_then_cancel_again_conflicts(db: Db) {

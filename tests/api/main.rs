@@ -5,6 +5,7 @@ mod fixtures;
 mod helpers;
 
 mod alerts;
+mod cameras;
 mod dashboard;
 mod deploy;
 mod errors;

@@ -1,0 +1,171 @@
+//! An RTSP job's pipeline: the camera's access units (from `ingest::rtsp`, which reconnects)
+//! grouped from keyframe to keyframe, each group decoded on a blocking thread like an HLS
+//! segment and its frames sent on; live, so a full lane drops its oldest frame. A checkpoint
+//! after each group keeps the timeline: a resumed job's results follow the stored ones.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use url::Url;
+
+use super::dispatch::Work;
+use super::pipeline::{source_ended, Outcome, Pending, Pipeline, Progress};
+use crate::batch::{LaneHandle, WhenFull};
+use crate::ingest::rtsp::{RtspEvent, RtspSource};
+use crate::media::decode::{DecodeError, DecodeState};
+use crate::media::sampler::Sampler;
+use crate::media::units::{Unit, UnitDecoder, UnitParams};
+use crate::stats::Stats;
+
+impl Pipeline {
+    /// Reads the camera until the job is cancelled, or the source gives up.
+    pub(super) async fn rtsp(
+        &self,
+        url: Url,
+        progress: Progress,
+        lane: &LaneHandle<Work>,
+        pending: mpsc::Sender<Pending>,
+    ) -> Outcome {
+        lane.set_when_full(WhenFull::DropOldest);
+        let stop = self.cancel.child_token();
+        let source = RtspSource {
+            url,
+            settings: self.settings.pipeline.rtsp.clone(),
+            policy: self.settings.pipeline.network_policy(),
+            start_ms: progress.rtsp_next_ms.unwrap_or(0),
+        };
+        let (tx, mut rx) = mpsc::channel(256);
+        let source_task = tokio::spawn(source.run(tx, self.stats.clone(), stop.clone()));
+        let mut state = Group {
+            decoder: Some(UnitDecoder::new(
+                self.decode_limits(),
+                self.spec,
+                self.evidence,
+            )),
+            decode: progress.decode.unwrap_or_default(),
+            sampler: progress
+                .sampler
+                .unwrap_or_else(|| Sampler::new(self.job.fps)),
+            params: None,
+            units: Vec::new(),
+            discontinuity: false,
+        };
+        let mut failure = None;
+        while let Some(event) = tokio::select! { _ = stop.cancelled() => None, e = rx.recv() => e }
+        {
+            let ready = match event {
+                RtspEvent::Connected(params) => {
+                    // A new session (or new parameter sets): what was gathered is decoded with
+                    // the old ones, then decoding starts again at the next keyframe.
+                    let done = state.take(None);
+                    state.discontinuity |= state.params.as_ref() != Some(&params);
+                    state.params = Some(params);
+                    done
+                }
+                RtspEvent::Unit(unit) => {
+                    if unit.key {
+                        let done = state.take(Some(unit.pts_ms));
+                        state.units.push(unit);
+                        done
+                    } else {
+                        // Nothing decodes before the first keyframe.
+                        if !state.units.is_empty() {
+                            state.units.push(unit);
+                        }
+                        None
+                    }
+                }
+            };
+            let Some((params, units, next, discontinuity)) = ready else {
+                continue;
+            };
+            match state.decode(params, units, next, discontinuity).await {
+                Ok(Some(out)) => {
+                    if !self.deliver(out, lane, &pending, &stop).await {
+                        break;
+                    }
+                    let checkpoint = Progress {
+                        decode: Some(state.decode.clone()),
+                        sampler: Some(state.sampler.clone()),
+                        rtsp_next_ms: next.map(|n| n + 1),
+                        ..Progress::default()
+                    };
+                    if pending.send(Pending::Checkpoint(checkpoint)).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => {}
+                Err(e @ DecodeError::FrameTooLarge { .. }) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
+                Err(_) if state.decoder.is_none() => {
+                    failure = Some("the decoder crashed".to_owned());
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %self.job_id, error = %e, "camera frames not decodable; skipped");
+                    Stats::add(&self.stats.segments_failed, 1);
+                }
+            }
+        }
+        drop(pending);
+        stop.cancel();
+        // A camera has no end of its own: the source returns Ok only when stopped.
+        source_ended(failure, source_task.await, Outcome::Stopped, "RTSP")
+    }
+}
+
+/// A camera job's decoding state: the group of pictures being gathered and the decoder.
+struct Group {
+    decoder: Option<UnitDecoder>,
+    decode: DecodeState,
+    sampler: Sampler,
+    params: Option<Arc<UnitParams>>,
+    units: Vec<Unit>,
+    discontinuity: bool,
+}
+
+type Ready = (Arc<UnitParams>, Vec<Unit>, Option<i64>, bool);
+
+impl Group {
+    /// The gathered group, to decode, if there is one (and parameters for it).
+    fn take(&mut self, next: Option<i64>) -> Option<Ready> {
+        if self.units.is_empty() {
+            return None;
+        }
+        let units = std::mem::take(&mut self.units);
+        let params = self.params.clone()?;
+        let discontinuity = std::mem::take(&mut self.discontinuity);
+        Some((params, units, next, discontinuity))
+    }
+
+    async fn decode(
+        &mut self,
+        params: Arc<UnitParams>,
+        units: Vec<Unit>,
+        next: Option<i64>,
+        discontinuity: bool,
+    ) -> Result<Option<crate::media::decode::SegmentOutcome>, DecodeError> {
+        let Some(mut decoder) = self.decoder.take() else {
+            return Ok(None);
+        };
+        let (mut st, mut sm) = (self.decode.clone(), self.sampler.clone());
+        let span = tracing::Span::current();
+        let joined = tokio::task::spawn_blocking(move || {
+            let _g = span.enter();
+            let r = decoder.decode(&params, units, next, discontinuity, &mut st, &mut sm);
+            (r, st, sm, decoder)
+        })
+        .await;
+        let Ok((result, st, sm, decoder)) = joined else {
+            return Err(DecodeError::Unreadable("the decoder crashed".into()));
+        };
+        self.decoder = Some(decoder);
+        if result.is_ok() {
+            self.decode = st;
+            self.sampler = sm;
+        }
+        result.map(Some)
+    }
+}

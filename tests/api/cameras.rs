@@ -1,0 +1,159 @@
+//! RTSP cameras, against GStreamer's RTSP server (tests/rtsp_server.py, Debian's packages):
+//! frames at their pts_ms, a server killed and restarted mid-job is reconnected and results
+//! go on, wrong credentials fail the job with a clear error, and the password shows nowhere.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::fixtures::{assert_right_frames, make_file, ModelServer};
+use crate::helpers::{pairs, Db, TestApp};
+
+const PASSWORD: &str = "Sup3r-s3cret";
+
+/// GStreamer's RTSP server on 127.0.0.1 serving `clip` at /cam, with basic auth.
+struct RtspServer {
+    child: Child,
+    port: u16,
+    clip: PathBuf,
+}
+
+impl RtspServer {
+    fn start(clip: &Path, port: u16) -> Self {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/rtsp_server.py");
+        // Debian's Python: python3-gi and the GStreamer bindings live there.
+        let mut child = Command::new("/usr/bin/python3")
+            .arg(script)
+            .arg("--file")
+            .arg(clip)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--user",
+                "viewer",
+                "--password",
+                PASSWORD,
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("/usr/bin/python3 runs (scripts/setup-system.sh installs python3-gi)");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let port = line.trim().parse().expect("the server prints its port");
+        Self {
+            child,
+            port,
+            clip: clip.to_owned(),
+        }
+    }
+
+    fn url(&self, password: &str) -> String {
+        format!("rtsp://viewer:{password}@127.0.0.1:{}/cam", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The same server again, on the same port.
+    fn restart(&mut self) {
+        self.kill();
+        *self = Self::start(&self.clip.clone(), self.port);
+    }
+}
+
+impl Drop for RtspServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_camera_is_read_at_its_pts_reconnected_after_a_restart_and_its_password_hidden() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_file(dir.path(), "clip.mkv", 6.0);
+    let mut server = RtspServer::start(&clip, 0);
+    let model = ModelServer::start().await;
+    let owned = model.env();
+    let mut env = pairs(&owned);
+    env.push(("RTSP_STALL_SECS", "2"));
+    let app = TestApp::spawn_with(Db::Sqlite, &env).await;
+    let id = app
+        .start_job(json!({"stream_ref": server.url(PASSWORD), "fps": 2}))
+        .await;
+    let st = app
+        .wait_for(&id, Duration::from_secs(30), |s| {
+            s["results_count"].as_i64() >= Some(4)
+        })
+        .await;
+    assert_eq!(st["source_type"], "rtsp");
+    assert_eq!(st["stats"]["source_state"], "live", "{st}");
+    // The first session starts at the clip's start: each frame is the one at its pts_ms.
+    let first: Vec<Value> = app
+        .all_results(&id)
+        .await
+        .into_iter()
+        .filter(|r| r["pts_ms"].as_i64() < Some(5000))
+        .collect();
+    assert!(first.len() >= 4);
+    assert_right_frames(&first, 80.0);
+
+    // The server goes away and comes back: the job reconnects and results go on.
+    server.restart();
+    let before = st["results_count"].as_i64().unwrap();
+    let st = app
+        .wait_for(&id, Duration::from_secs(40), |s| {
+            s["stats"]["reconnects"].as_i64() >= Some(1)
+                && s["results_count"].as_i64() > Some(before + 2)
+        })
+        .await;
+    assert_eq!(st["status"], "running", "{st}");
+    let results = app.all_results(&id).await;
+    let pts: Vec<i64> = results
+        .iter()
+        .map(|r| r["pts_ms"].as_i64().unwrap())
+        .collect();
+    assert!(
+        pts.windows(2).all(|w| w[0] < w[1]),
+        "one timeline across sessions: {pts:?}"
+    );
+
+    // The password is in no response: status, the jobs list, results.
+    let listed = app.get("/api/v1/inference/jobs").await.body;
+    for body in [&st, &listed, &json!(results)] {
+        let text = body.to_string();
+        assert!(!text.contains(PASSWORD), "the password leaked: {text}");
+    }
+    assert!(
+        st["stream_ref"].as_str().unwrap().contains("viewer:***@"),
+        "{st}"
+    );
+    let cancelled = app.delete(&format!("/api/v1/inference/cancel/{id}")).await;
+    assert_eq!(cancelled.status, reqwest::StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_fail_the_job_saying_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_file(dir.path(), "clip.mkv", 3.0);
+    let server = RtspServer::start(&clip, 0);
+    let model = ModelServer::start().await;
+    let owned = model.env();
+    let app = TestApp::spawn_with(Db::Sqlite, &pairs(&owned)).await;
+    let id = app
+        .start_job(json!({"stream_ref": server.url("not-the-password")}))
+        .await;
+    let st = app
+        .wait_status(&id, &["failed"], Duration::from_secs(30))
+        .await;
+    let error = st["error"].as_str().unwrap();
+    assert!(error.contains("credentials"), "{st}");
+    assert!(!st.to_string().contains("not-the-password"), "{st}");
+}
