@@ -62,6 +62,16 @@ impl RtspServer {
         let _ = self.child.wait();
     }
 
+    /// Freezes (`STOP`) or thaws (`CONT`) the server: a camera that stops sending.
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig}");
+    }
+
     /// The same server again, on the same port.
     fn restart(&mut self) {
         self.kill();
@@ -156,4 +166,43 @@ async fn wrong_credentials_fail_the_job_saying_so() {
     let error = st["error"].as_str().unwrap();
     assert!(error.contains("credentials"), "{st}");
     assert!(!st.to_string().contains("not-the-password"), "{st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_camera_that_stops_sending_is_stalled_then_reconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_file(dir.path(), "clip.mkv", 6.0);
+    let server = RtspServer::start(&clip, 0);
+    let model = ModelServer::start().await;
+    let owned = model.env();
+    let mut env = pairs(&owned);
+    env.push(("RTSP_STALL_SECS", "1"));
+    let app = TestApp::spawn_with(Db::Sqlite, &env).await;
+    let id = app
+        .start_job(json!({"stream_ref": server.url(PASSWORD), "fps": 2}))
+        .await;
+    app.wait_for(&id, Duration::from_secs(30), |s| {
+        s["results_count"].as_i64() >= Some(2)
+    })
+    .await;
+    server.signal("STOP");
+    let st = app
+        .wait_for(&id, Duration::from_secs(30), |s| {
+            matches!(
+                s["stats"]["source_state"].as_str(),
+                Some("stalled" | "reconnecting")
+            )
+        })
+        .await;
+    assert_eq!(st["status"], "running", "a stall is not a failure: {st}");
+    server.signal("CONT");
+    let before = st["results_count"].as_i64().unwrap();
+    let st = app
+        .wait_for(&id, Duration::from_secs(40), |s| {
+            s["stats"]["source_state"] == "live"
+                && s["stats"]["reconnects"].as_i64() >= Some(1)
+                && s["results_count"].as_i64() > Some(before)
+        })
+        .await;
+    assert_eq!(st["status"], "running", "{st}");
 }
