@@ -382,6 +382,18 @@ impl Store {
                                 .await?;
                             sqlx::Executor::execute(&mut *conn, "PRAGMA synchronous = NORMAL")
                                 .await?;
+                        } else {
+                            // A replica frozen mid-transaction (SIGSTOP, a VM paused, a GC-like
+                            // stall) would keep its row locks for as long as it stays frozen, and
+                            // every other replica's claim of that job would wait on them. Our
+                            // transactions never sit idle for seconds, so PostgreSQL ends such a
+                            // session after 5 s: its locks go, its lease runs out, and another
+                            // replica takes the job over (the frozen one's writes are fenced).
+                            sqlx::Executor::execute(
+                                &mut *conn,
+                                "SET idle_in_transaction_session_timeout = '5s'",
+                            )
+                            .await?;
                         }
                         Ok(())
                     })
