@@ -206,3 +206,31 @@ async fn a_camera_that_stops_sending_is_stalled_then_reconnected() {
         .await;
     assert_eq!(st["status"], "running", "{st}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_camera_is_read_over_udp_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_file(dir.path(), "clip.mkv", 6.0);
+    let server = RtspServer::start(&clip, 0);
+    let model = ModelServer::start().await;
+    let owned = model.env();
+    let mut env = pairs(&owned);
+    env.push(("RTSP_TRANSPORT", "udp"));
+    let app = TestApp::spawn_with(Db::Sqlite, &env).await;
+    let id = app
+        .start_job(json!({"stream_ref": server.url(PASSWORD), "fps": 2}))
+        .await;
+    let st = app
+        .wait_for(&id, Duration::from_secs(30), |s| {
+            s["results_count"].as_i64() >= Some(4)
+        })
+        .await;
+    assert_eq!(st["stats"]["source_state"], "live", "{st}");
+    let first: Vec<Value> = app
+        .all_results(&id)
+        .await
+        .into_iter()
+        .filter(|r| r["pts_ms"].as_i64() < Some(5000))
+        .collect();
+    assert_right_frames(&first, 80.0);
+}
