@@ -85,38 +85,67 @@ impl Drop for RtspServer {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_camera_is_read_at_its_pts_reconnected_after_a_restart_and_its_password_hidden() {
+/// A camera (the 6 s ramp clip behind GStreamer's server), the stand-in model, the service
+/// with `env`, and a job on the camera at 2 fps.
+struct Rig {
+    _dir: tempfile::TempDir,
+    server: RtspServer,
+    _model: ModelServer,
+    app: TestApp,
+    id: String,
+}
+
+async fn camera_job(env: &[(&str, &str)]) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let clip = make_file(dir.path(), "clip.mkv", 6.0);
-    let mut server = RtspServer::start(&clip, 0);
+    let server = RtspServer::start(&clip, 0);
     let model = ModelServer::start().await;
     let owned = model.env();
-    let mut env = pairs(&owned);
-    env.push(("RTSP_STALL_SECS", "2"));
-    let app = TestApp::spawn_with(Db::Sqlite, &env).await;
+    let mut all = pairs(&owned);
+    all.extend_from_slice(env);
+    let app = TestApp::spawn_with(Db::Sqlite, &all).await;
     let id = app
         .start_job(json!({"stream_ref": server.url(PASSWORD), "fps": 2}))
         .await;
+    Rig {
+        _dir: dir,
+        server,
+        _model: model,
+        app,
+        id,
+    }
+}
+
+/// Waits for `n` results, then checks the first session's frames (it starts at the clip's
+/// start): each is the frame at its pts_ms.
+async fn first_frames_match(app: &TestApp, id: &str, n: i64) -> Value {
     let st = app
-        .wait_for(&id, Duration::from_secs(30), |s| {
-            s["results_count"].as_i64() >= Some(4)
+        .wait_for(id, Duration::from_secs(30), |s| {
+            s["results_count"].as_i64() >= Some(n)
         })
         .await;
-    assert_eq!(st["source_type"], "rtsp");
     assert_eq!(st["stats"]["source_state"], "live", "{st}");
-    // The first session starts at the clip's start: each frame is the one at its pts_ms.
     let first: Vec<Value> = app
-        .all_results(&id)
+        .all_results(id)
         .await
         .into_iter()
         .filter(|r| r["pts_ms"].as_i64() < Some(5000))
         .collect();
-    assert!(first.len() >= 4);
+    assert!(first.len() >= n as usize);
     assert_right_frames(&first, 80.0);
+    st
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_camera_is_read_at_its_pts_reconnected_after_a_restart_and_its_password_hidden() {
+    // Kept whole: its folder holds the clip the restarted server reads again.
+    let mut rig = camera_job(&[("RTSP_STALL_SECS", "2")]).await;
+    let (app, id) = (&rig.app, rig.id.clone());
+    let st = first_frames_match(app, &id, 4).await;
+    assert_eq!(st["source_type"], "rtsp");
 
     // The server goes away and comes back: the job reconnects and results go on.
-    server.restart();
+    rig.server.restart();
     let before = st["results_count"].as_i64().unwrap();
     let st = app
         .wait_for(&id, Duration::from_secs(40), |s| {
@@ -170,17 +199,8 @@ async fn wrong_credentials_fail_the_job_saying_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_camera_that_stops_sending_is_stalled_then_reconnected() {
-    let dir = tempfile::tempdir().unwrap();
-    let clip = make_file(dir.path(), "clip.mkv", 6.0);
-    let server = RtspServer::start(&clip, 0);
-    let model = ModelServer::start().await;
-    let owned = model.env();
-    let mut env = pairs(&owned);
-    env.push(("RTSP_STALL_SECS", "1"));
-    let app = TestApp::spawn_with(Db::Sqlite, &env).await;
-    let id = app
-        .start_job(json!({"stream_ref": server.url(PASSWORD), "fps": 2}))
-        .await;
+    let rig = camera_job(&[("RTSP_STALL_SECS", "1")]).await;
+    let (server, app, id) = (&rig.server, &rig.app, rig.id.clone());
     app.wait_for(&id, Duration::from_secs(30), |s| {
         s["results_count"].as_i64() >= Some(2)
     })
@@ -209,28 +229,6 @@ async fn a_camera_that_stops_sending_is_stalled_then_reconnected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_camera_is_read_over_udp_when_asked() {
-    let dir = tempfile::tempdir().unwrap();
-    let clip = make_file(dir.path(), "clip.mkv", 6.0);
-    let server = RtspServer::start(&clip, 0);
-    let model = ModelServer::start().await;
-    let owned = model.env();
-    let mut env = pairs(&owned);
-    env.push(("RTSP_TRANSPORT", "udp"));
-    let app = TestApp::spawn_with(Db::Sqlite, &env).await;
-    let id = app
-        .start_job(json!({"stream_ref": server.url(PASSWORD), "fps": 2}))
-        .await;
-    let st = app
-        .wait_for(&id, Duration::from_secs(30), |s| {
-            s["results_count"].as_i64() >= Some(4)
-        })
-        .await;
-    assert_eq!(st["stats"]["source_state"], "live", "{st}");
-    let first: Vec<Value> = app
-        .all_results(&id)
-        .await
-        .into_iter()
-        .filter(|r| r["pts_ms"].as_i64() < Some(5000))
-        .collect();
-    assert_right_frames(&first, 80.0);
+    let rig = camera_job(&[("RTSP_TRANSPORT", "udp")]).await;
+    first_frames_match(&rig.app, &rig.id, 4).await;
 }
