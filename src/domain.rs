@@ -135,6 +135,23 @@ impl SourceType {
             SourceType::Rtsp => "rtsp",
         }
     }
+
+    const ALL: [SourceType; 5] = [
+        SourceType::Hls,
+        SourceType::Redis,
+        SourceType::Replay,
+        SourceType::File,
+        SourceType::Rtsp,
+    ];
+
+    /// The kind a stored job names ([`SourceType::as_str`]); HLS for anything else (the
+    /// oldest rows, written before the column named more than HLS).
+    pub fn from_stored(s: &str) -> Self {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .unwrap_or(SourceType::Hls)
+    }
 }
 
 /// The stream reference a user posted, checked and classified.
@@ -502,6 +519,14 @@ mod tests {
         );
         assert!(parse("https://example.com/live.m3u8/x")
             .is_ok_and(|r| r.source().kind() == SourceType::Hls));
+    }
+
+    #[test]
+    fn source_types_read_back_as_stored() {
+        for k in SourceType::ALL {
+            assert_eq!(SourceType::from_stored(k.as_str()), k);
+        }
+        assert_eq!(SourceType::from_stored("unknown"), SourceType::Hls);
     }
 
     #[test]

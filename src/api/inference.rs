@@ -450,13 +450,7 @@ pub(super) async fn job_view(
         frames_processed: job.frames_processed,
         results_count: job.results_count,
         error: job.error,
-        source_type: match job.source_type.as_str() {
-            "redis" => SourceType::Redis,
-            "replay" => SourceType::Replay,
-            "file" => SourceType::File,
-            "rtsp" => SourceType::Rtsp,
-            _ => SourceType::Hls,
-        },
+        source_type: SourceType::from_stored(&job.source_type),
         model: job
             .model
             .unwrap_or_else(|| state.models.default_name().to_owned()),
