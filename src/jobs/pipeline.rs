@@ -418,6 +418,7 @@ impl Pipeline {
             let Some(mut sh) = shaper.take() else { break };
             let shaped = tokio::task::spawn_blocking(move || {
                 let frame = Still::probe(&bytes, max_pixels).and_then(|s| s.shape(&mut sh, ts));
+                sh.release();
                 (frame, sh)
             })
             .await;
@@ -511,6 +512,7 @@ impl Pipeline {
             let Some(mut sh) = shaper.take() else { break };
             let shaped = tokio::task::spawn_blocking(move || {
                 let frame = Still::probe(&jpeg, max_pixels).and_then(|s| s.shape(&mut sh, pts_ms));
+                sh.release();
                 (frame, sh)
             })
             .await;

@@ -202,10 +202,12 @@ impl SegmentDecoder {
     /// Ready for the next segment or piece, whatever became of this one. Flushing keeps the
     /// parameter sets the decoder has seen: streams that send them only at the start
     /// (open-GOP encodes whose keyframes are not IDR) still decode after a corrupt segment.
+    /// The shaper's workspace goes back to the pool until the next one.
     pub(super) fn ready_for_next(&mut self) {
         if let Some(open) = self.open.as_mut() {
             open.decoder.flush();
         }
+        self.sink.shaper.release();
     }
 
     fn run(

@@ -51,6 +51,11 @@ impl JpegEncoder {
         })
     }
 
+    /// Encodes at `quality` (1-100) from now on.
+    pub fn set_quality(&mut self, quality: u8) {
+        self.quality = i32::from(quality.clamp(1, 100));
+    }
+
     /// Encodes a 4:2:0 picture; the planes must hold `tjPlaneHeight` rows of their stride.
     pub fn encode(&mut self, pic: &Yuv420<'_>) -> Result<Vec<u8>, String> {
         let (w, h) = (pic.width as i32, pic.height as i32);

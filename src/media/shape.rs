@@ -13,6 +13,7 @@
 //! BT.601, as ffmpeg assumes); JPEG output is JFIF's full-range BT.601.
 
 use std::ptr;
+use std::sync::{Mutex, PoisonError};
 
 use ffmpeg::ffi;
 use ffmpeg::format::Pixel;
@@ -204,19 +205,55 @@ impl Planes {
     }
 }
 
-/// Turns decoded pictures into [`Frame`]s as a [`FrameSpec`] says. One per job; it keeps its
-/// swscale context, planes and JPEG encoder from frame to frame.
+/// Turns decoded pictures into [`Frame`]s as a [`FrameSpec`] says. One per job; it borrows a
+/// [`Workspace`] while it shapes and gives it back with [`Shaper::release`].
 pub struct Shaper {
     spec: FrameSpec,
+    work: Option<Workspace>,
+    /// The evidence JPEG's own shaper (its own workspace, so the two sizes do not rebuild one
+    /// swscale context in turn), when the job keeps evidence.
+    evidence: Option<(EvidenceSpec, Box<Shaper>)>,
+}
+
+/// What shaping works in: a swscale context, the output planes, a JPEG encoder and a padded
+/// copy of a packed source. A job holds one only while it shapes (a segment's frames, a Redis
+/// entry); in between it waits in [`IDLE`] for whichever job shapes next. A host with 64
+/// streams then keeps about as many as decode at once (one or two per core), not 64 of each
+/// size: behind a stalled model that was ~2.5 MiB a stream for the model's and the
+/// evidence's scalers and planes.
+#[derive(Default)]
+struct Workspace {
     sws: Option<Sws>,
     planes: Planes,
     jpeg: Option<JpegEncoder>,
     /// A copy of a borrowed packed picture with room past its end for swscale's vectorised
     /// reads (decoded frames from ffmpeg carry that padding already).
     padded: Vec<u8>,
-    /// The evidence JPEG's own shaper (its own swscale context and planes, so the two
-    /// sizes do not rebuild one context in turn), when the job keeps evidence.
-    evidence: Option<(EvidenceSpec, Box<Shaper>)>,
+}
+
+/// Workspaces no shaper holds, most recently given back last.
+static IDLE: Mutex<Vec<Workspace>> = Mutex::new(Vec::new());
+/// Idle workspaces kept at most; more are freed when given back.
+const MAX_IDLE: usize = 16;
+
+impl Workspace {
+    /// An idle workspace, preferring one whose scaler is made for `key`; a new one if none
+    /// is idle.
+    fn take(key: &Key) -> Self {
+        let mut idle = IDLE.lock().unwrap_or_else(PoisonError::into_inner);
+        let at = idle
+            .iter()
+            .rposition(|w| w.sws.as_ref().is_some_and(|s| s.key == *key))
+            .or_else(|| idle.len().checked_sub(1));
+        at.map(|i| idle.swap_remove(i)).unwrap_or_default()
+    }
+
+    fn give_back(self) {
+        let mut idle = IDLE.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE {
+            idle.push(self);
+        }
+    }
 }
 
 /// Bytes swscale may read past the end of a packed picture's last row.
@@ -226,10 +263,7 @@ impl Shaper {
     pub fn new(spec: FrameSpec) -> Self {
         Self {
             spec,
-            sws: None,
-            planes: Planes::default(),
-            jpeg: None,
-            padded: Vec::new(),
+            work: None,
             evidence: None,
         }
     }
@@ -282,8 +316,10 @@ impl Shaper {
                 let rgb = if src.format == Pixel::RGB24 {
                     packed_rows(src.planes[0], src.strides[0], sw * 3, sh)?
                 } else {
-                    self.convert(src, Pixel::RGB24, src.width, src.height)?;
-                    packed_rows(&self.planes.data[0], self.planes.strides[0], sw * 3, sh)?
+                    let p = &self
+                        .convert(src, Pixel::RGB24, src.width, src.height)?
+                        .planes;
+                    packed_rows(&p.data[0], p.strides[0], sw * 3, sh)?
                 };
                 if (dw, dh) == (src.width, src.height) {
                     Picture::Rgb(rgb)
@@ -300,12 +336,16 @@ impl Shaper {
             Encoding::Jpeg { quality } => {
                 // The JPEG-range twin: swscale then never takes its plain-copy path, which
                 // would skip the range conversion.
-                self.convert(src, Pixel::YUVJ420P, dw, dh)?;
-                let encoder = match self.jpeg.as_mut() {
-                    Some(e) => e,
-                    None => self.jpeg.insert(JpegEncoder::new(quality)?),
+                let Workspace {
+                    planes: p, jpeg, ..
+                } = self.convert(src, Pixel::YUVJ420P, dw, dh)?;
+                let encoder = match jpeg {
+                    Some(e) => {
+                        e.set_quality(quality);
+                        e
+                    }
+                    None => jpeg.insert(JpegEncoder::new(quality)?),
                 };
-                let p = &self.planes;
                 Picture::Jpeg(encoder.encode(&Yuv420 {
                     width: dw as usize,
                     height: dh as usize,
@@ -326,7 +366,9 @@ impl Shaper {
                 Some(j.clone())
             }
             (Some((_, shaper)), Picture::Jpeg(_)) => {
-                let p = &self.planes;
+                let Some(Workspace { planes: p, .. }) = self.work.as_ref() else {
+                    return Err("no planes to make the evidence from".into());
+                };
                 let scaled = Source {
                     format: Pixel::YUVJ420P,
                     width: dw,
@@ -352,8 +394,25 @@ impl Shaper {
         })
     }
 
-    /// swscale from `src` into this shaper's planes as `dst` at `dw` x `dh`.
-    fn convert(&mut self, src: &Source<'_>, dst: Pixel, dw: u32, dh: u32) -> Result<(), String> {
+    /// Gives the workspace back for any job to use until this shaper shapes again (which
+    /// takes one back, most likely the same). Call it when a run of frames is done.
+    pub fn release(&mut self) {
+        if let Some(work) = self.work.take() {
+            work.give_back();
+        }
+        if let Some((_, shaper)) = self.evidence.as_mut() {
+            shaper.release();
+        }
+    }
+
+    /// swscale from `src` into the workspace's planes as `dst` at `dw` x `dh`.
+    fn convert(
+        &mut self,
+        src: &Source<'_>,
+        dst: Pixel,
+        dw: u32,
+        dh: u32,
+    ) -> Result<&mut Workspace, String> {
         let key = Key {
             src: src.format,
             sw: src.width,
@@ -364,20 +423,31 @@ impl Shaper {
             colorspace: src.colorspace,
             full_range: src.full_range,
         };
-        if self.sws.as_ref().is_none_or(|s| s.key != key) {
-            self.sws = None;
-            self.sws = Some(Sws::new(key)?);
+        let ws = self.work.get_or_insert_with(|| Workspace::take(&key));
+        if ws.sws.as_ref().is_none_or(|s| s.key != key) {
+            ws.sws = None;
+            ws.sws = Some(Sws::new(key)?);
         }
         let (w, h) = (dw as usize, dh as usize);
         let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
         if dst == Pixel::RGB24 {
-            self.planes.fit([(w * 3, h), (0, 0), (0, 0)]);
+            ws.planes.fit([(w * 3, h), (0, 0), (0, 0)]);
         } else {
-            self.planes.fit([(w, h), (cw, ch), (cw, ch)]);
+            ws.planes.fit([(w, h), (cw, ch), (cw, ch)]);
         }
-        self.scale(src)
+        ws.scale(src)?;
+        Ok(ws)
     }
+}
 
+impl Drop for Shaper {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl Workspace {
+    /// swscale from `src` into the planes, which [`Shaper::convert`] sized.
     fn scale(&mut self, src: &Source<'_>) -> Result<(), String> {
         // What swscale will read, checked against the borrowed slices: rows of each plane of
         // this format at these strides.
@@ -530,6 +600,44 @@ mod tests {
         assert!(img
             .pixels()
             .all(|p| p.0.iter().all(|&v| (i32::from(v) - 60).abs() <= 2)));
+    }
+
+    #[test]
+    fn a_workspace_given_back_serves_another_spec_as_that_spec_says() {
+        // Noise, so that JPEG quality shows in the size.
+        let mut x = 12345u32;
+        let rgb: Vec<u8> = (0..320 * 240 * 3)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                (x >> 16) as u8
+            })
+            .collect();
+        let jpeg_of = |spec: FrameSpec| {
+            let mut shaper = Shaper::new(spec);
+            let f = shaper.shape(&Source::rgb(&rgb, 320, 240), 0).unwrap();
+            shaper.release();
+            let Picture::Jpeg(j) = f.picture else {
+                panic!()
+            };
+            (f.width, f.height, j.len())
+        };
+        let fine = jpeg_of(FrameSpec {
+            size: FrameSize::LongestSide(200),
+            encoding: Encoding::Jpeg { quality: 95 },
+        });
+        // Most likely the same workspace, with another size and quality.
+        let coarse = jpeg_of(FrameSpec {
+            size: FrameSize::LongestSide(160),
+            encoding: Encoding::Jpeg { quality: 20 },
+        });
+        let fine_again = jpeg_of(FrameSpec {
+            size: FrameSize::LongestSide(200),
+            encoding: Encoding::Jpeg { quality: 95 },
+        });
+        assert_eq!((fine.0, fine.1), (200, 150));
+        assert_eq!((coarse.0, coarse.1), (160, 120));
+        assert!(coarse.2 * 3 < fine.2, "{coarse:?} vs {fine:?}");
+        assert_eq!(fine_again, fine);
     }
 
     #[test]
