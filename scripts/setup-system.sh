@@ -28,13 +28,15 @@ if ((${#missing[@]})); then
 fi
 
 # Test tools from PyPI in target/tools-venv: the Kubernetes manifests' validator (no cluster
-# needed) and standardwebhooks, the specification's reference verifier for webhook tests.
+# needed), standardwebhooks (the specification's reference verifier for webhook tests),
+# selenium (drives Chromium) and moto's S3-compatible server (the evidence bucket's tests).
 if [[ "${1:-}" == "--services" ]]; then
   cd "$(dirname "$0")/.."
   venv=target/tools-venv
-  if [[ ! -x $venv/bin/kubernetes-validate ]] || ! "$venv/bin/python" -c 'import standardwebhooks, selenium' 2>/dev/null; then
-    echo "installing kubernetes-validate, standardwebhooks and selenium into $venv" >&2
+  if [[ ! -x $venv/bin/kubernetes-validate ]] || ! "$venv/bin/python" -c 'import standardwebhooks, selenium, moto.server' 2>/dev/null; then
+    echo "installing kubernetes-validate, standardwebhooks, selenium and moto into $venv" >&2
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet kubernetes-validate==1.37.0 standardwebhooks==1.1.0 selenium==4.51.0 >&2
+    "$venv/bin/pip" install --quiet kubernetes-validate==1.37.0 standardwebhooks==1.1.0 selenium==4.51.0 \
+      'moto[server]==5.2.5' >&2
   fi
 fi

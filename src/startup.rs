@@ -41,7 +41,9 @@ impl Application {
                 events: g.events.clone(),
             }
         }));
-        let store = store.with_evidence_store(settings.evidence.store.clone());
+        let store = store
+            .with_evidence_store(settings.evidence.store.clone())
+            .context("cannot use the evidence store (EVIDENCE)")?;
         store
             .migrate()
             .await

@@ -41,6 +41,9 @@ pub enum ApiError {
     Timeout(u64),
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// A store the service depends on (the evidence bucket) does not answer.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -78,6 +81,7 @@ impl ApiError {
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -94,6 +98,7 @@ impl ApiError {
             ApiError::TooManyRequests { code, .. } => code,
             ApiError::Timeout(_) => "timeout",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -105,7 +110,15 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::Internal(e.into())
+        match e {
+            StoreError::Evidence(why) => {
+                tracing::warn!(error = %why, "the evidence store cannot be read");
+                ApiError::Unavailable(format!(
+                    "the evidence store cannot be read now ({why}); try again later"
+                ))
+            }
+            e => ApiError::Internal(e.into()),
+        }
     }
 }
 

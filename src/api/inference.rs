@@ -663,7 +663,8 @@ pub async fn results(
     params(("job_id" = String, Path, description = "Job id"), ("seq" = i64, Path, description = "The result's seq")),
     responses((status = 200, description = "The frame", content_type = "image/jpeg"),
         (status = 304, description = "Not modified (If-None-Match)"),
-        (status = 404, description = "Unknown job or result, no frame kept, or expired", body = ErrorBody)))]
+        (status = 404, description = "Unknown job or result, no frame kept, or expired", body = ErrorBody),
+        (status = 503, description = "The evidence store (EVIDENCE=directory or s3) cannot be read now", body = ErrorBody)))]
 pub async fn frame(
     State(state): State<AppState>,
     Path((job_id, seq)): Path<(String, i64)>,

@@ -18,6 +18,40 @@ pub enum EvidenceStore {
     Database,
     /// Files under a directory every replica mounts (`EVIDENCE=directory`, `EVIDENCE_DIR`).
     Directory(PathBuf),
+    /// Objects in an S3-compatible bucket (`EVIDENCE=s3`).
+    S3(S3Bucket),
+}
+
+/// Where in an S3-compatible store evidence frames go, and how to reach it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Bucket {
+    pub bucket: String,
+    /// Key prefix without slashes at either end; empty for none.
+    pub prefix: String,
+    /// An S3-compatible server's URL (path-style requests); `None`: AWS.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Static credentials; `None`: the environment's (web identity, container or instance
+    /// role).
+    pub credentials: Option<(String, String)>,
+    /// Every non-empty `AWS_*` setting, for the client's credential chain, lowest precedence.
+    pub aws: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for S3Bucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Bucket")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|(id, _)| (id, "***")),
+            )
+            .field("aws", &self.aws.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -72,7 +106,8 @@ impl Source {
                 }
                 EvidenceStore::Directory(PathBuf::from(dir))
             }
-            _ => return Err(self.invalid("EVIDENCE", "expected database, directory or off")),
+            "s3" => EvidenceStore::S3(self.s3_bucket()?),
+            _ => return Err(self.invalid("EVIDENCE", "expected database, directory, s3 or off")),
         };
         Ok(EvidenceSettings {
             store,
@@ -89,6 +124,65 @@ impl Source {
                 "a whole number from 1 to 100000",
                 |v: &i64| (1..=100_000).contains(v),
             )?,
+        })
+    }
+
+    fn s3_bucket(&self) -> Result<S3Bucket, ConfigError> {
+        let raw = self.raw("EVIDENCE_S3_URL");
+        let url = url::Url::parse(&raw).ok().filter(|u| {
+            u.scheme() == "s3" && u.host_str().is_some_and(|h| !h.is_empty()) && u.query().is_none()
+        });
+        let Some(url) = url else {
+            return Err(self.invalid(
+                "EVIDENCE_S3_URL",
+                "must be s3://BUCKET or s3://BUCKET/PREFIX when EVIDENCE=s3",
+            ));
+        };
+        let endpoint = self.raw("EVIDENCE_S3_ENDPOINT");
+        let endpoint = if endpoint.is_empty() {
+            None
+        } else {
+            match url::Url::parse(&endpoint) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                    Some(endpoint.trim_end_matches('/').to_string())
+                }
+                _ => {
+                    return Err(self.invalid(
+                        "EVIDENCE_S3_ENDPOINT",
+                        "must be an http:// or https:// URL, e.g. http://minio:9000",
+                    ))
+                }
+            }
+        };
+        let nonempty = |name| Some(self.raw(name)).filter(|v| !v.is_empty());
+        let credentials =
+            match (
+                nonempty("AWS_ACCESS_KEY_ID"),
+                nonempty("AWS_SECRET_ACCESS_KEY"),
+            ) {
+                (Some(id), Some(secret)) => Some((id, secret)),
+                (None, None) => None,
+                _ => return Err(self.invalid(
+                    "AWS_SECRET_ACCESS_KEY",
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY go together: set both or neither",
+                )),
+            };
+        Ok(S3Bucket {
+            bucket: url.host_str().unwrap_or_default().to_string(),
+            prefix: url.path().trim_matches('/').to_string(),
+            endpoint,
+            region: nonempty("AWS_REGION"),
+            credentials,
+            aws: {
+                let mut aws: Vec<(String, String)> = self
+                    .0
+                    .iter()
+                    .filter(|(k, v)| k.starts_with(super::source::AWS) && !v.trim().is_empty())
+                    .map(|(k, v)| (k.clone(), v.trim().to_string()))
+                    .collect();
+                aws.sort();
+                aws
+            },
         })
     }
 

@@ -13,7 +13,7 @@ mod evidence;
 mod source;
 mod variables;
 
-pub use evidence::{parse_retention, EvidenceSettings, EvidenceStore, RetentionSettings};
+pub use evidence::{parse_retention, EvidenceSettings, EvidenceStore, RetentionSettings, S3Bucket};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -223,13 +223,13 @@ impl Settings {
                 dotenvy::from_path_iter(path).map_err(|e| ConfigError::DotEnv(e.to_string()))?
             {
                 let (k, v) = item.map_err(|e| ConfigError::DotEnv(e.to_string()))?;
-                if values.contains_key(&k) {
+                if values.contains_key(&k) || k.starts_with(source::AWS) {
                     values.insert(k, v);
                 }
             }
         }
         for (k, v) in env {
-            if values.contains_key(&k) || k == source::HOSTNAME {
+            if values.contains_key(&k) || k == source::HOSTNAME || k.starts_with(source::AWS) {
                 values.insert(k, v);
             }
         }
@@ -273,6 +273,8 @@ pub const SECRET_VARIABLES: &[&str] = &[
     "API_KEYS",
     "OPENAI_API_KEY",
     "WEBHOOK_SECRET",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
 ];
 
 /// Renders `deploy/settings.env`, the env file kustomize turns into the ConfigMap: every
@@ -280,8 +282,8 @@ pub const SECRET_VARIABLES: &[&str] = &[
 pub fn k8s_settings() -> String {
     let mut out = String::from(
         "# free-roam settings for Kubernetes (kustomize's configMapGenerator reads this file).\n\
-         # Made by `free-roam dev k8s-settings`; DATABASE_URL, API_KEYS, OPENAI_API_KEY and\n\
-         # WEBHOOK_SECRET are in the Secret. REPLICA_ID stays empty: each pod is named by its HOSTNAME.\n",
+         # Made by `free-roam dev k8s-settings`; DATABASE_URL, API_KEYS, OPENAI_API_KEY,\n\
+         # WEBHOOK_SECRET and the AWS keys are in the Secret. REPLICA_ID stays empty: each pod is named by its HOSTNAME.\n",
     );
     for var in VARIABLES {
         if SECRET_VARIABLES.contains(&var.name) {
@@ -340,6 +342,66 @@ mod tests {
         assert!(err.to_string().starts_with("LOG_FORMAT:"), "{err}");
         let err = Settings::from_sources(None, None, env(&[("MODEL_TYPE", "openai")])).unwrap_err();
         assert!(err.to_string().starts_with("OPENAI_BASE_URL:"), "{err}");
+    }
+
+    #[test]
+    fn an_s3_evidence_bucket_is_read_and_checked() {
+        let s = Settings::from_sources(
+            None,
+            None,
+            env(&[
+                ("EVIDENCE", "s3"),
+                ("EVIDENCE_S3_URL", "s3://frames/site-a/cams/"),
+                ("EVIDENCE_S3_ENDPOINT", "http://127.0.0.1:9000/"),
+                ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+                ("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI-secret"),
+            ]),
+        )
+        .unwrap();
+        let EvidenceStore::S3(b) = &s.evidence.store else {
+            panic!("{:?}", s.evidence.store)
+        };
+        assert_eq!(
+            (b.bucket.as_str(), b.prefix.as_str()),
+            ("frames", "site-a/cams")
+        );
+        assert_eq!(b.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(b.region, None);
+        assert!(!format!("{s:?}").contains("wJalrXUtnFEMI-secret"));
+        for (pairs, name) in [
+            (vec![("EVIDENCE", "s3")], "EVIDENCE_S3_URL"),
+            (
+                vec![("EVIDENCE", "s3"), ("EVIDENCE_S3_URL", "https://frames/x")],
+                "EVIDENCE_S3_URL",
+            ),
+            (
+                vec![("EVIDENCE", "s3"), ("EVIDENCE_S3_URL", "s3://")],
+                "EVIDENCE_S3_URL",
+            ),
+            (
+                vec![
+                    ("EVIDENCE", "s3"),
+                    ("EVIDENCE_S3_URL", "s3://b"),
+                    ("EVIDENCE_S3_ENDPOINT", "minio:9000"),
+                ],
+                "EVIDENCE_S3_ENDPOINT",
+            ),
+            (
+                vec![
+                    ("EVIDENCE", "s3"),
+                    ("EVIDENCE_S3_URL", "s3://b"),
+                    ("AWS_ACCESS_KEY_ID", "id"),
+                ],
+                "AWS_SECRET_ACCESS_KEY",
+            ),
+            (vec![("EVIDENCE", "bucket")], "EVIDENCE"),
+        ] {
+            let err = Settings::from_sources(None, None, env(&pairs)).unwrap_err();
+            assert!(
+                err.to_string().starts_with(&format!("{name}:")),
+                "{pairs:?}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -12,6 +12,9 @@ use super::*;
 /// Not a setting of ours but the environment's: Kubernetes sets it to the pod name, the
 /// replica id when REPLICA_ID is empty.
 pub(super) const HOSTNAME: &str = "HOSTNAME";
+/// The AWS SDKs' own settings (`AWS_WEB_IDENTITY_TOKEN_FILE`, `AWS_ROLE_ARN`,
+/// `AWS_DEFAULT_REGION`...), kept for the evidence bucket's client beside the few we name.
+pub(super) const AWS: &str = "AWS_";
 
 pub(super) struct Source(pub(super) HashMap<String, String>);
 

@@ -81,8 +81,13 @@ variables! {
     "MAX_ACTIVE_JOBS" = "" : "Most jobs pending or running across all replicas; more are refused with 429. Empty: MAX_CONCURRENT_STREAMS (right for one replica).";
     "REPLICA_ID" = "" : "This replica's id, the owner of the jobs it runs. Empty: HOSTNAME (the pod name on Kubernetes), else a random id.";
     "LEASE_TTL_SECS" = "15" : "How long a replica's hold on a job lasts unless renewed (every third of it); a crashed replica's jobs move after this.";
-    "EVIDENCE" = "database" : "Where the frame behind each answer is kept: database (beside the results; every replica reads it), directory (EVIDENCE_DIR, a volume every replica mounts) or off.";
+    "EVIDENCE" = "database" : "Where the frame behind each answer is kept: database (beside the results; every replica reads it), directory (EVIDENCE_DIR, a volume every replica mounts), s3 (EVIDENCE_S3_URL, an S3-compatible bucket) or off.";
     "EVIDENCE_DIR" = "" : "Directory of evidence frames when EVIDENCE=directory.";
+    "EVIDENCE_S3_URL" = "" : "Bucket and key prefix of evidence frames when EVIDENCE=s3: s3://BUCKET[/PREFIX]; each frame is PREFIX/JOB_ID/SEQ.jpg.";
+    "EVIDENCE_S3_ENDPOINT" = "" : "Endpoint of an S3-compatible store (MinIO, Ceph, Garage, R2...), e.g. http://minio:9000, addressed path-style; empty: AWS S3.";
+    "AWS_REGION" = "" : "Region of the evidence bucket; empty: us-east-1 (or what AWS_DEFAULT_REGION says).";
+    "AWS_ACCESS_KEY_ID" = "" : "Access key of the evidence bucket; empty: the environment's other AWS credentials (web identity, container or instance role).";
+    "AWS_SECRET_ACCESS_KEY" = "" : "Secret key going with AWS_ACCESS_KEY_ID.";
     "EVIDENCE_MAX_SIDE" = "640" : "Evidence frames are scaled down so neither side exceeds this many pixels.";
     "EVIDENCE_JPEG_QUALITY" = "80" : "JPEG quality (1-100) of evidence frames.";
     "MAX_REPLAY_FRAMES" = "1000" : "Most stored frames one replay (POST /api/v1/inference/replay) asks the model about again.";

@@ -1,17 +1,124 @@
-//! Evidence and retention: the frame behind each answer, kept in the database or in a
-//! directory every replica mounts (`EVIDENCE`), and the sweeps that delete expired results,
-//! frames and finished jobs in bounded batches.
+//! Evidence and retention: the frame behind each answer, kept in the database, in a
+//! directory every replica mounts or in an S3-compatible bucket (`EVIDENCE`), and the sweeps
+//! that delete expired results, frames and finished jobs in bounded batches.
+//!
+//! A directory and a bucket are both reached through the `object_store` crate (Apache Arrow's,
+//! made for exactly this: one API over local files, S3 and its compatibles, with atomic
+//! writes, bulk deletes and retries), so they share every code path here.
 //!
 //! Each job records how far retention has reached (`results_kept_from`,
 //! `evidence_kept_from`: every seq below is gone), so readers on any replica skip what another
 //! replica's sweeper deleted without asking, and cached rows below it are never served.
 
-use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path as Key;
+use object_store::{ObjectStore, ObjectStoreExt};
 use sqlx::Row;
 
 use super::*;
-use crate::config::{EvidenceStore, RetentionSettings};
+use crate::config::{EvidenceStore, RetentionSettings, S3Bucket};
+
+/// Longest a frame's write may take: it happens inside the result's transaction, which holds
+/// the job's row (PostgreSQL ends a transaction idle for 5 s). Past it the result is stored
+/// without its frame.
+const OBJECT_WRITE_BUDGET: Duration = Duration::from_secs(3);
+
+/// Where evidence frames are, as the store reaches them.
+pub(super) enum Frames {
+    Off,
+    /// The `evidence` table, in the result's own transaction.
+    Database,
+    /// One object per frame, `<prefix>/<job_id>/<seq>.jpg`, in a directory or a bucket.
+    Objects {
+        store: Arc<dyn ObjectStore>,
+        prefix: Option<Key>,
+    },
+}
+
+impl Frames {
+    /// Builds what `EVIDENCE` says: creates the directory, configures the bucket's client
+    /// (nothing is sent until a frame is).
+    fn open(setting: EvidenceStore) -> Result<Self, StoreError> {
+        let fail = |e: &dyn std::fmt::Display| StoreError::Evidence(e.to_string());
+        Ok(match setting {
+            EvidenceStore::Off => Frames::Off,
+            EvidenceStore::Database => Frames::Database,
+            EvidenceStore::Directory(dir) => {
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| fail(&format!("cannot create {}: {e}", dir.display())))?;
+                let local = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(|e| fail(&e))?
+                    .with_automatic_cleanup(true);
+                Frames::Objects {
+                    store: Arc::new(local),
+                    prefix: None,
+                }
+            }
+            EvidenceStore::S3(bucket) => Frames::Objects {
+                prefix: (!bucket.prefix.is_empty())
+                    .then(|| Key::parse(&bucket.prefix))
+                    .transpose()
+                    .map_err(|e| fail(&e))?,
+                store: Arc::new(s3_client(&bucket).map_err(|e| fail(&e))?),
+            },
+        })
+    }
+
+    pub(super) fn keeps(&self) -> bool {
+        !matches!(self, Frames::Off)
+    }
+
+    /// The key of a job's frames' "folder", or of one frame.
+    fn key(prefix: &Option<Key>, job_id: &str, seq: Option<i64>) -> Key {
+        let mut key = prefix.clone().unwrap_or_default().join(job_id);
+        if let Some(seq) = seq {
+            key = key.join(format!("{seq}.jpg"));
+        }
+        key
+    }
+}
+
+/// An S3 client for `bucket`: the environment's AWS settings (`AWS_*`: web identity,
+/// container or instance credentials, `AWS_DEFAULT_REGION`...), then the service's own. Short timeouts and few retries: a frame is written inside its result's
+/// transaction, and the answer matters more than its picture.
+fn s3_client(bucket: &S3Bucket) -> object_store::Result<object_store::aws::AmazonS3> {
+    use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+    let mut builder = AmazonS3Builder::new();
+    for (name, value) in &bucket.aws {
+        if let Ok(key) = name.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+            builder = builder.with_config(key, value);
+        }
+    }
+    builder = builder.with_bucket_name(&bucket.bucket);
+    if let Some(region) = &bucket.region {
+        builder = builder.with_region(region);
+    }
+    if let Some((id, secret)) = &bucket.credentials {
+        builder = builder
+            .with_access_key_id(id)
+            .with_secret_access_key(secret);
+    }
+    let mut client = object_store::ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(10));
+    if let Some(endpoint) = &bucket.endpoint {
+        builder = builder
+            .with_endpoint(endpoint)
+            .with_virtual_hosted_style_request(false);
+        // Client options replace each other whole: plain HTTP is allowed here, with them.
+        client = client.with_allow_http(endpoint.starts_with("http://"));
+    }
+    builder
+        .with_client_options(client)
+        .with_retry(object_store::RetryConfig {
+            max_retries: 2,
+            retry_timeout: Duration::from_secs(10),
+            ..Default::default()
+        })
+        .build()
+}
 
 /// What one sweep removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -62,21 +169,17 @@ pub fn frame_url(job_id: &str, seq: i64) -> String {
     format!("/api/v1/inference/results/{job_id}/{seq}/frame")
 }
 
-/// Where an evidence frame of a job is in `dir`.
-fn frame_path(dir: &Path, job_id: &str, seq: i64) -> PathBuf {
-    dir.join(job_id).join(format!("{seq}.jpg"))
-}
-
 impl Store {
-    /// Keeps evidence frames in `store` (the default keeps none).
-    pub fn with_evidence_store(mut self, store: EvidenceStore) -> Self {
-        self.evidence = Arc::new(store);
-        self
+    /// Keeps evidence frames where `store` says (the default keeps none). Fails when the
+    /// directory cannot be made or the bucket's settings are unusable.
+    pub fn with_evidence_store(mut self, store: EvidenceStore) -> Result<Self, StoreError> {
+        self.evidence = Arc::new(Frames::open(store)?);
+        Ok(self)
     }
 
     /// Inside the result's transaction: keeps its frame. In the database it commits with
-    /// the result; as a file it is written before the commit (a result that then fails to
-    /// commit leaves a file its seq's next result overwrites). True when it was kept.
+    /// the result; as an object it is written before the commit (a result that then fails to
+    /// commit leaves an object its seq's next result overwrites). True when it was kept.
     pub(super) async fn keep_frame(
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
@@ -86,8 +189,8 @@ impl Store {
         created_at: f64,
     ) -> Result<bool, StoreError> {
         match &*self.evidence {
-            EvidenceStore::Off => Ok(false),
-            EvidenceStore::Database => {
+            Frames::Off => Ok(false),
+            Frames::Database => {
                 sqlx::query(
                     "INSERT INTO evidence (job_id, seq, created_at, jpeg) VALUES ($1, $2, $3, $4) \
                      ON CONFLICT (job_id, seq) DO UPDATE SET created_at = $3, jpeg = $4",
@@ -100,26 +203,19 @@ impl Store {
                 .await?;
                 Ok(true)
             }
-            EvidenceStore::Directory(dir) => {
-                let path = frame_path(dir, job_id, seq);
-                let written = async {
-                    if let Some(parent) = path.parent() {
-                        tokio::fs::create_dir_all(parent).await?;
-                    }
-                    // Written whole, then renamed: a reader never sees half a frame.
-                    let part = path.with_extension("jpg.part");
-                    tokio::fs::write(&part, jpeg).await?;
-                    tokio::fs::rename(&part, &path).await
-                }
-                .await;
-                match written {
-                    Ok(()) => Ok(true),
-                    Err(e) => {
-                        // The answer matters more than its picture: stored without it.
-                        tracing::warn!(job_id, seq, path = %path.display(), error = %e, "cannot write the evidence frame");
-                        Ok(false)
-                    }
-                }
+            Frames::Objects { store, prefix } => {
+                let key = Frames::key(prefix, job_id, Some(seq));
+                // Written whole (a file is renamed into place): no reader sees half a frame.
+                let put = store.put(&key, jpeg.to_vec().into());
+                let why = match tokio::time::timeout(OBJECT_WRITE_BUDGET, put).await {
+                    Ok(Ok(_)) => return Ok(true),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no answer within {OBJECT_WRITE_BUDGET:?}"),
+                };
+                // The answer matters more than its picture: stored without it.
+                metrics::counter!("free_roam_evidence_write_failures_total").increment(1);
+                tracing::warn!(job_id, seq, key = %key, error = %why, "cannot write the evidence frame; the result is stored without it");
+                Ok(false)
             }
         }
     }
@@ -156,15 +252,17 @@ impl Store {
     /// Reads a frame the result says was kept, from where frames are kept.
     async fn kept_frame(&self, job_id: &str, seq: i64) -> Result<Option<Vec<u8>>, StoreError> {
         match &*self.evidence {
-            EvidenceStore::Directory(dir) => {
-                match tokio::fs::read(frame_path(dir, job_id, seq)).await {
-                    Ok(bytes) => Ok(Some(bytes)),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(StoreError::Corrupt(format!("evidence frame: {e}"))),
+            Frames::Objects { store, prefix } => {
+                let key = Frames::key(prefix, job_id, Some(seq));
+                let read = async { store.get(&key).await?.bytes().await };
+                match read.await {
+                    Ok(bytes) => Ok(Some(bytes.to_vec())),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(StoreError::Evidence(e.to_string())),
                 }
             }
             // Off now but kept earlier in the database: still served until it expires.
-            EvidenceStore::Database | EvidenceStore::Off => {
+            Frames::Database | Frames::Off => {
                 let row = sqlx::query("SELECT jpeg FROM evidence WHERE job_id = $1 AND seq = $2")
                     .bind(job_id)
                     .bind(seq)
@@ -304,15 +402,11 @@ impl Store {
             if upto == from {
                 break;
             }
-            if let (Kept::Frames, EvidenceStore::Directory(dir)) = (kind, &*self.evidence) {
-                for seq in from..upto {
-                    if tokio::fs::remove_file(frame_path(dir, job_id, seq))
-                        .await
-                        .is_ok()
-                    {
-                        n += 1;
-                    }
-                }
+            if let (Kept::Frames, Frames::Objects { store, prefix }) = (kind, &*self.evidence) {
+                let keys: Vec<_> = (from..upto)
+                    .map(|seq| Ok(Frames::key(prefix, job_id, Some(seq))))
+                    .collect();
+                n += delete_objects(store, futures::stream::iter(keys).boxed()).await?;
             }
             let mut tx = self.begin_write().await?;
             let delete =
@@ -359,8 +453,13 @@ impl Store {
                 break;
             }
         }
-        if let EvidenceStore::Directory(dir) = &*self.evidence {
-            let _ = tokio::fs::remove_dir_all(dir.join(job_id)).await;
+        if let Frames::Objects { store, prefix } = &*self.evidence {
+            let folder = Frames::key(prefix, job_id, None);
+            let keys = store
+                .list(Some(&folder))
+                .map_ok(|meta| meta.location)
+                .boxed();
+            delete_objects(store, keys).await?;
         }
         let scope = format!("job:{job_id}");
         let mut tx = self.begin_write().await?;
@@ -381,4 +480,22 @@ impl Store {
         tracing::info!(job_id, "finished job deleted by JOB_RETENTION");
         Ok(())
     }
+}
+
+/// Deletes the objects `keys` names (in bulk where the store can); one already gone counts
+/// as deleted by someone else. Returns how many this call deleted.
+async fn delete_objects(
+    store: &Arc<dyn ObjectStore>,
+    keys: futures::stream::BoxStream<'static, object_store::Result<Key>>,
+) -> Result<u64, StoreError> {
+    let mut deleted = store.delete_stream(keys);
+    let mut n = 0;
+    while let Some(outcome) = deleted.next().await {
+        match outcome {
+            Ok(_) => n += 1,
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(StoreError::Evidence(e.to_string())),
+        }
+    }
+    Ok(n)
 }

@@ -33,6 +33,9 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
+    /// The evidence store (a directory or a bucket) failed.
+    #[error("evidence store: {0}")]
+    Evidence(String),
     /// Another process has the SQLite database open.
     #[error("{0}")]
     InUse(String),
@@ -333,7 +336,7 @@ pub struct Store {
     /// once after a change only then (and every second anyway).
     outbox_queued: Arc<std::sync::atomic::AtomicBool>,
     /// Where evidence frames are kept (EVIDENCE).
-    evidence: Arc<crate::config::EvidenceStore>,
+    evidence: Arc<evidence::Frames>,
 }
 
 /// PostgreSQL NOTIFY channels between replicas, each carrying a job id: a result was stored
@@ -429,7 +432,7 @@ impl Store {
             status_changes: tokio::sync::broadcast::channel(256).0,
             global_webhook: None,
             outbox_queued: Default::default(),
-            evidence: Arc::new(crate::config::EvidenceStore::Off),
+            evidence: Arc::new(evidence::Frames::Off),
         })
     }
 

@@ -53,8 +53,7 @@ impl Store {
             .as_ref()
             .map(|(_, a)| a)
             .filter(|a| !a.is_empty());
-        let keeps =
-            result.evidence.is_some() && *self.evidence != crate::config::EvidenceStore::Off;
+        let keeps = result.evidence.is_some() && self.evidence.keeps();
         let inserted = sqlx::query(
             "INSERT INTO results (job_id, seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, source_key, output_format, alerts, evidence, replay_job, replay_seq) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \

@@ -357,3 +357,171 @@ async fn a_replay_asks_the_stored_frames_again_with_a_new_prompt() {
         .await;
     assert_error(&unknown, StatusCode::NOT_FOUND, "not_found");
 }
+
+/// moto's S3-compatible server (tests/s3_server.py, PyPI) on 127.0.0.1, with one bucket.
+struct S3Server {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl S3Server {
+    async fn start(bucket: &str) -> Self {
+        use std::process::{Command, Stdio};
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3_server.py");
+        let mut child = Command::new(crate::helpers::tools_python())
+            .arg(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the tools venv runs moto (scripts/setup-system.sh --services installs it)");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let port: u16 = line.trim().parse().expect("the server prints its port");
+        let server = Self {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let made = reqwest::Client::new()
+            .put(format!("{}/{bucket}", server.endpoint))
+            .send()
+            .await
+            .unwrap();
+        assert!(made.status().is_success(), "bucket created: {made:?}");
+        server
+    }
+
+    /// The keys under `prefix` in `bucket`.
+    async fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let xml = reqwest::get(format!(
+            "{}/{bucket}?list-type=2&prefix={prefix}",
+            self.endpoint
+        ))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+        xml.split("<Key>")
+            .skip(1)
+            .map(|k| k.split("</Key>").next().unwrap().to_string())
+            .collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_in_an_s3_bucket_expire_and_a_failing_bucket_loses_no_result() {
+    let mut s3 = S3Server::start("frames").await;
+    let env = [
+        ("EVIDENCE", "s3".to_string()),
+        ("EVIDENCE_S3_URL", "s3://frames/evidence/v1".to_string()),
+        ("EVIDENCE_S3_ENDPOINT", s3.endpoint.clone()),
+        ("AWS_ACCESS_KEY_ID", "test-key".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "test-secret".to_string()),
+        ("AWS_REGION", "eu-west-1".to_string()),
+        ("RETENTION_SWEEP_SECS", "1".to_string()),
+        ("RETENTION_SWEEP_BATCH", "3".to_string()),
+    ];
+    let (_dir, origin, _model, app) = rig(4.0, (1280, 720), Db::Sqlite, &pairs(&env)).await;
+    let short = vod_job(&app, &origin, json!({"retention": {"evidence": "2s"}})).await;
+    let kept = vod_job(&app, &origin, json!({"retention": {"evidence": "off"}})).await;
+
+    // One object per result, where the prefix says, each the picture its answer is about.
+    let results = app.all_results(&kept).await;
+    assert_eq!(results.len(), 8);
+    assert_frames_match_answers(&app, &results).await;
+    let mut keys = s3.keys("frames", &format!("evidence/v1/{kept}/")).await;
+    keys.sort_by_key(|k| k.len());
+    let expected: Vec<String> = (0..8)
+        .map(|seq| format!("evidence/v1/{kept}/{seq}.jpg"))
+        .collect();
+    assert_eq!(keys, expected);
+
+    // The short job's frames expire: gone from the bucket, 404, no frame_url.
+    until(
+        Duration::from_secs(20),
+        "the short job's objects are deleted",
+        || async {
+            s3.keys("frames", &format!("evidence/v1/{short}/"))
+                .await
+                .is_empty()
+        },
+    )
+    .await;
+    let gone = app
+        .get(&format!("/api/v1/inference/results/{short}/0/frame"))
+        .await;
+    assert_error(&gone, StatusCode::NOT_FOUND, "not_found");
+    assert!(app
+        .all_results(&short)
+        .await
+        .iter()
+        .all(|r| r.get("frame_url").is_none()));
+    assert_eq!(
+        s3.keys("frames", &format!("evidence/v1/{kept}/"))
+            .await
+            .len(),
+        8
+    );
+
+    // The bucket goes away: results are still stored, without frames, and the service goes on.
+    let _ = s3.child.kill();
+    let _ = s3.child.wait();
+    let blind = vod_job(&app, &origin, json!({})).await;
+    let results = app.all_results(&blind).await;
+    assert_eq!(results.len(), 8, "every answer is stored");
+    assert!(
+        results
+            .iter()
+            .all(|r| r.get("frame_url").is_none() && r["error"].is_null()),
+        "{results:?}"
+    );
+    let unread = app
+        .get(&format!("/api/v1/inference/results/{kept}/0/frame"))
+        .await;
+    assert_error(&unread, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    assert_eq!(app.get("/health/live").await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_job_takes_its_objects_with_it() {
+    let s3 = S3Server::start("frames").await;
+    let env = [
+        ("EVIDENCE", "s3".to_string()),
+        ("EVIDENCE_S3_URL", "s3://frames".to_string()),
+        ("EVIDENCE_S3_ENDPOINT", s3.endpoint.clone()),
+        ("AWS_ACCESS_KEY_ID", "test-key".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "test-secret".to_string()),
+        ("RETENTION_SWEEP_SECS", "1".to_string()),
+        ("JOB_RETENTION", "3s".to_string()),
+    ];
+    let (_dir, origin, _model, app) = rig(2.0, (320, 180), Db::Postgres, &pairs(&env)).await;
+    let id = vod_job(&app, &origin, json!({})).await;
+    // Read at once: the job is deleted 3 s after it finished.
+    let listed = s3.keys("frames", &format!("{id}/")).await;
+    assert_eq!(listed.len(), 4, "{listed:?}");
+    until(
+        Duration::from_secs(20),
+        "the finished job and its objects are deleted",
+        || async {
+            s3.keys("frames", &format!("{id}/")).await.is_empty()
+                && app
+                    .get(&format!("/api/v1/inference/status/{id}"))
+                    .await
+                    .status
+                    == StatusCode::NOT_FOUND
+        },
+    )
+    .await;
+}
