@@ -163,6 +163,16 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             metrics::gauge!("free_roam_jobs", "status" => status.as_str()).set(n as f64);
         }
     }
+    // Jobs running here by source state; a state no job is in any more reads 0.
+    static SEEN: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let states = state.jobs.source_states();
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    seen.extend(states.keys().cloned());
+    for s in seen.iter() {
+        let n = states.get(s).copied().unwrap_or(0);
+        metrics::gauge!("free_roam_source_state_jobs", "state" => s.clone()).set(n as f64);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

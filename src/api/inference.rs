@@ -237,6 +237,10 @@ pub struct ResultView {
     /// the model (an undecodable Redis entry: `error` says which entry and why).
     pub batch_size: i64,
     pub created_at: f64,
+    /// When the frame was taken by the source's own clock (Unix seconds): an RTSP camera's,
+    /// from its RTCP sender reports. Absent where the source does not say.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub captured_at: Option<f64>,
     /// Milliseconds spent per phase: queue, preprocess, inference, total.
     #[schema(value_type = Object)]
     pub latency_ms: Value,
@@ -484,6 +488,7 @@ pub(super) fn result_view(job_id: &str, r: &ResultRecord, frames_from: i64) -> R
         alerts: r.alerts.clone(),
         batch_size: r.batch_size,
         created_at: r.created_at,
+        captured_at: r.captured_at,
         latency_ms: r.latency.clone(),
     }
 }

@@ -4,7 +4,9 @@
 //! jobs don't: after an end, an error or a stall (no frame for RTSP_STALL_SECS) the source
 //! reconnects with capped, jittered backoff, and gives up only after RTSP_GIVE_UP_SECS without
 //! a successful connection, or at once when the camera refuses the credentials. The URL's
-//! password is sent to the camera and shown nowhere.
+//! password is sent to the camera and shown nowhere. RTCP sender reports tie the camera's RTP
+//! clock to its wall clock: each is passed on as a [`WallClock`], from which every frame's
+//! `captured_at` follows.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,10 +31,43 @@ use crate::stats::Stats;
 /// What the source sends the pipeline.
 #[derive(Debug)]
 pub enum RtspEvent {
-    /// A session began (or the parameters changed): decoding starts again at the next
-    /// keyframe with these.
-    Connected(Arc<UnitParams>),
+    /// A session began (`new_session`) or the parameters changed: decoding starts again at
+    /// the next keyframe with these.
+    Connected {
+        params: Arc<UnitParams>,
+        new_session: bool,
+    },
     Unit(Unit),
+    /// A sender report of this session: its frames' wall clock.
+    Clock(WallClock),
+}
+
+/// Where a session's timeline meets the camera's wall clock (RFC 3550 §6.4.1: a sender
+/// report pairs an RTP timestamp with the NTP time it stands for).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WallClock {
+    /// The report's RTP time on the job's timeline.
+    pub pts_ms: i64,
+    /// The same instant by the camera's clock, in Unix seconds.
+    pub unix: f64,
+}
+
+impl WallClock {
+    /// When the frame at `pts_ms` (same session) was taken, by the camera's clock.
+    pub fn at(&self, pts_ms: i64) -> f64 {
+        self.unix + (pts_ms - self.pts_ms) as f64 / 1000.0
+    }
+}
+
+/// Seconds from the NTP epoch (1900) to the Unix epoch (1970).
+const NTP_TO_UNIX_SECS: u64 = 2_208_988_800;
+
+/// An NTP timestamp (32.32 fixed point seconds since 1900) in Unix seconds; `None` for a
+/// clock that was evidently never set (before 2001), as some cameras send.
+fn ntp_to_unix(ntp: u64) -> Option<f64> {
+    let secs = (ntp >> 32).checked_sub(NTP_TO_UNIX_SECS)?;
+    let unix = secs as f64 + (ntp & 0xFFFF_FFFF) as f64 / 4_294_967_296.0;
+    (unix >= 978_307_200.0).then_some(unix)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +161,15 @@ impl RtspSource {
     ) -> Result<Ended, RtspError> {
         let stall = self.settings.stall;
         let (url, creds) = split_credentials(&self.url);
+        // Resolved and checked at every connection: the camera's name may move.
+        let url = match self.policy.pinned(&url).await {
+            Ok(url) => url,
+            Err(Some(refused)) => return Err(RtspError::Refused(refused.to_string())),
+            Err(None) => {
+                let host = url.host_str().unwrap_or_default().to_owned();
+                return Ok(Ended::Lost(format!("{host} does not resolve")));
+            }
+        };
         let options = SessionOptions::default()
             .creds(creds)
             .user_agent(format!("free-roam/{}", env!("CARGO_PKG_VERSION")));
@@ -195,13 +239,37 @@ impl RtspSource {
                 Ok(Some(Err(e))) => return lost("stream error", &e),
                 Ok(Some(Ok(item))) => item,
             };
-            let CodecItem::VideoFrame(frame) = item else {
-                continue;
+            let frame = match item {
+                CodecItem::VideoFrame(frame) => frame,
+                CodecItem::Rtcp(rtcp) if rtcp.stream_id() == index => {
+                    let report = rtcp
+                        .pkts()
+                        .next()
+                        .and_then(|p| p.as_sender_report().ok().flatten());
+                    let clock = match (rtcp.rtp_timestamp(), report) {
+                        (Some(ts), Some(sr)) => {
+                            ntp_to_unix(sr.ntp_timestamp().0).map(|unix| WallClock {
+                                pts_ms: base
+                                    + ts.elapsed() * 1000 / i64::from(ts.clock_rate().get()),
+                                unix,
+                            })
+                        }
+                        _ => None,
+                    };
+                    if let Some(clock) = clock {
+                        if tx.send(RtspEvent::Clock(clock)).await.is_err() {
+                            return Ok(Ended::Stopped);
+                        }
+                    }
+                    continue;
+                }
+                _ => continue,
             };
             if frame.stream_id() != index {
                 continue;
             }
-            if params.is_none() || frame.has_new_parameters() {
+            let new_session = params.is_none();
+            if new_session || frame.has_new_parameters() {
                 let Some(ParametersRef::Video(v)) = demuxed.streams()[index].parameters() else {
                     continue;
                 };
@@ -213,7 +281,11 @@ impl RtspSource {
                     height,
                 });
                 params = Some(p.clone());
-                if tx.send(RtspEvent::Connected(p)).await.is_err() {
+                let connected = RtspEvent::Connected {
+                    params: p,
+                    new_session,
+                };
+                if tx.send(connected).await.is_err() {
                     return Ok(Ended::Stopped);
                 }
                 if stats.source_state() != "live" {
@@ -289,6 +361,22 @@ fn without_password(text: &str, url: &Url) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sender_report_times_become_unix_seconds() {
+        // 2026-11-30T00:00:00.5Z: 1795996800 s after 1970, plus 70 years of NTP epoch.
+        let ntp = ((1_795_996_800u64 + NTP_TO_UNIX_SECS) << 32) | 0x8000_0000;
+        assert_eq!(ntp_to_unix(ntp), Some(1_795_996_800.5));
+        // A camera whose clock was never set (NTP 0, or 1970) dates nothing.
+        assert_eq!(ntp_to_unix(0), None);
+        assert_eq!(ntp_to_unix(NTP_TO_UNIX_SECS << 32), None);
+        let clock = WallClock {
+            pts_ms: 4_000,
+            unix: 1_795_996_800.5,
+        };
+        assert_eq!(clock.at(4_500), 1_795_996_801.0);
+        assert_eq!(clock.at(3_000), 1_795_996_799.5);
+    }
 
     #[test]
     fn credentials_leave_the_url_and_are_hidden_in_messages() {

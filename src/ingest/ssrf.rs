@@ -62,6 +62,43 @@ impl NetworkPolicy {
     }
 }
 
+impl NetworkPolicy {
+    /// `url` ready to connect to for a client that resolves names itself (retina): its host
+    /// resolved here and checked, then replaced by the first allowed address, so the
+    /// connection goes where the check looked (no second lookup to rebind). Exempt hosts and
+    /// IP literals are left as they are. `Err(None)`: the name does not resolve now.
+    pub async fn pinned(&self, url: &Url) -> Result<Url, Option<Refused>> {
+        self.check_url(url).map_err(Some)?;
+        let Some(url::Host::Domain(host)) = url.host() else {
+            return Ok(url.clone());
+        };
+        if self.exempt(host) {
+            return Ok(url.clone());
+        }
+        let port = url.port_or_known_default().unwrap_or(554);
+        let resolved: Vec<SocketAddr> = match tokio::net::lookup_host((host, port)).await {
+            Ok(addrs) => addrs.collect(),
+            Err(_) => return Err(None),
+        };
+        let mut refused = None;
+        for addr in resolved {
+            match self.check_addr(host, addr.ip()) {
+                Ok(()) => {
+                    let mut pinned = url.clone();
+                    let ip = match addr.ip() {
+                        IpAddr::V4(ip) => ip.to_string(),
+                        IpAddr::V6(ip) => format!("[{ip}]"),
+                    };
+                    pinned.set_host(Some(&ip)).map_err(|_| None)?;
+                    return Ok(pinned);
+                }
+                Err(e) => refused = Some(e),
+            }
+        }
+        Err(refused)
+    }
+}
+
 /// Why an address is off limits, or `None` if it is a public unicast address.
 pub fn forbidden_kind(addr: IpAddr) -> Option<&'static str> {
     match addr {

@@ -1,7 +1,8 @@
 //! An RTSP job's pipeline: the camera's access units (from `ingest::rtsp`, which reconnects)
 //! grouped from keyframe to keyframe, each group decoded on a blocking thread like an HLS
 //! segment and its frames sent on; live, so a full lane drops its oldest frame. A checkpoint
-//! after each group keeps the timeline: a resumed job's results follow the stored ones.
+//! after each group keeps the timeline: a resumed job's results follow the stored ones. The
+//! camera's sender reports date each frame (`captured_at`) by the camera's own clock.
 
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use url::Url;
 use super::dispatch::Work;
 use super::pipeline::{source_ended, Outcome, Pending, Pipeline, Progress};
 use crate::batch::{LaneHandle, WhenFull};
-use crate::ingest::rtsp::{RtspEvent, RtspSource};
+use crate::ingest::rtsp::{RtspEvent, RtspSource, WallClock};
 use crate::media::decode::{DecodeError, DecodeState};
 use crate::media::sampler::Sampler;
 use crate::media::units::{Unit, UnitDecoder, UnitParams};
@@ -51,16 +52,30 @@ impl Pipeline {
             discontinuity: false,
         };
         let mut failure = None;
+        // This session's wall clock, from its latest sender report.
+        let mut clock: Option<WallClock> = None;
         while let Some(event) = tokio::select! { _ = stop.cancelled() => None, e = rx.recv() => e }
         {
+            // The clock of the group decoded now: a new session's comes with its reports.
+            let dating = clock;
             let ready = match event {
-                RtspEvent::Connected(params) => {
+                RtspEvent::Connected {
+                    params,
+                    new_session,
+                } => {
                     // A new session (or new parameter sets): what was gathered is decoded with
                     // the old ones, then decoding starts again at the next keyframe.
                     let done = state.take(None);
+                    if new_session {
+                        clock = None;
+                    }
                     state.discontinuity |= state.params.as_ref() != Some(&params);
                     state.params = Some(params);
                     done
+                }
+                RtspEvent::Clock(c) => {
+                    clock = Some(c);
+                    None
                 }
                 RtspEvent::Unit(unit) => {
                     if unit.key {
@@ -80,7 +95,10 @@ impl Pipeline {
                 continue;
             };
             match state.decode(params, units, next, discontinuity).await {
-                Ok(Some(out)) => {
+                Ok(Some(mut out)) => {
+                    for frame in out.frames.iter_mut().flatten() {
+                        frame.captured_at = dating.map(|c| c.at(frame.pts_ms));
+                    }
                     if !self.deliver(out, lane, &pending, &stop).await {
                         break;
                     }

@@ -241,6 +241,23 @@ impl JobManager {
         Some((redis.len(), reconnecting))
     }
 
+    /// Jobs running here by their source's state (`live`, `stalled`, `reconnecting`,
+    /// `connecting`, `reading`, `waiting`...: the state's first word), for `/metrics`.
+    pub fn source_states(&self) -> std::collections::BTreeMap<String, usize> {
+        let running = self.inner.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut states = std::collections::BTreeMap::new();
+        for r in running.values() {
+            let state = r.stats.source_state();
+            let word = state
+                .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                .next()
+                .filter(|w| !w.is_empty())
+                .unwrap_or("none");
+            *states.entry(word.to_owned()).or_insert(0) += 1;
+        }
+        states
+    }
+
     /// Stops every pipeline and waits for them; jobs keep their stored state for the next start.
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();

@@ -106,6 +106,7 @@ impl Whence {
 pub(super) enum Pending {
     Frame {
         pts_ms: i64,
+        captured_at: Option<f64>,
         reply: oneshot::Receiver<Done>,
         from: Whence,
     },
@@ -546,6 +547,7 @@ impl Pipeline {
         pending
             .send(Pending::Frame {
                 pts_ms,
+                captured_at: None,
                 reply: rx,
                 from,
             })
@@ -564,7 +566,7 @@ impl Pipeline {
         stop: &CancellationToken,
     ) -> bool {
         let (tx, rx) = oneshot::channel();
-        let pts_ms = frame.pts_ms;
+        let (pts_ms, captured_at) = (frame.pts_ms, frame.captured_at);
         let evidence = frame.evidence.take();
         let work = Work {
             job_id: self.job_id.clone(),
@@ -582,7 +584,7 @@ impl Pipeline {
         }
         tokio::select! {
             _ = stop.cancelled() => false,
-            r = pending.send(Pending::Frame { pts_ms, reply: rx, from }) => r.is_ok(),
+            r = pending.send(Pending::Frame { pts_ms, captured_at, reply: rx, from }) => r.is_ok(),
         }
     }
 }
@@ -618,6 +620,7 @@ impl Writer {
             match item {
                 Pending::Frame {
                     pts_ms,
+                    captured_at,
                     reply,
                     from,
                 } => {
@@ -644,6 +647,7 @@ impl Writer {
                             _ => None,
                         },
                         pts_ms,
+                        captured_at,
                         prompt_scope: done.prompt_scope,
                         prompt_version: done.prompt_version,
                         model: if done.model.is_empty() {

@@ -37,7 +37,8 @@ impl ResultStream {
     }
 
     /// XADDs one stored result (with `frame_url` when its frame was kept, `replay_of` as
-    /// `<job_id>/<seq>` for a replay's, both empty otherwise), then the alert events it fired
+    /// `<job_id>/<seq>` for a replay's, `captured_at` when the camera said: each empty
+    /// otherwise), then the alert events it fired
     /// (each an entry with `type` `alert.started` or `alert.ended` and the event as JSON in
     /// `data`); false when any could not be published (after 3 tries each).
     pub async fn publish(
@@ -71,7 +72,8 @@ impl ResultStream {
             .as_ref()
             .map(|(job, seq)| format!("{job}/{seq}"))
             .unwrap_or_default();
-        let fields: [(&str, &str); 11] = [
+        let captured_at = r.captured_at.map(|t| t.to_string()).unwrap_or_default();
+        let fields: [(&str, &str); 12] = [
             ("type", "result"),
             ("job_id", job_id),
             ("seq", &seq),
@@ -83,6 +85,7 @@ impl ResultStream {
             ("alerts", &alerts),
             ("frame_url", &frame_url),
             ("replay_of", &replay_of),
+            ("captured_at", &captured_at),
         ];
         let mut published = self.add(job_id, &fields).await;
         for event in events {

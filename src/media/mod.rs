@@ -65,6 +65,9 @@ pub struct Frame {
     /// The same picture as a JPEG to keep beside its answer (see [`EvidenceSpec`]), when
     /// the job keeps evidence. Taken off before the frame is queued for the model.
     pub evidence: Option<Vec<u8>>,
+    /// The source's wall clock when the picture was taken, in Unix seconds: an RTSP
+    /// camera's, from its RTCP sender reports; `None` where the source does not say.
+    pub captured_at: Option<f64>,
 }
 
 /// What the frame kept beside each answer is: a JPEG no larger than `max_side`. Made in the
@@ -192,6 +195,7 @@ impl<'a> Still<'a> {
                 picture: Picture::Jpeg(self.bytes.to_vec()),
                 pts_ms,
                 evidence,
+                captured_at: None,
             });
         }
         let rgb = self.decode()?;

@@ -391,6 +391,7 @@ impl Shaper {
             picture,
             pts_ms,
             evidence,
+            captured_at: None,
         })
     }
 

@@ -208,6 +208,8 @@ pub struct ResultRecord {
     pub batch_size: i64,
     pub latency: Value,
     pub created_at: f64,
+    /// The camera's wall clock when the frame was taken (Unix seconds), where it says.
+    pub captured_at: Option<f64>,
     /// The frame's answers to the job's alert questions (empty when it had none).
     pub alerts: Vec<AlertAnswer>,
     /// Whether the frame the model was asked about was kept (EVIDENCE).
@@ -226,6 +228,8 @@ pub struct NewResult {
     /// unique per job, so work repeated after a crash or takeover is not stored twice.
     pub source_key: String,
     pub pts_ms: i64,
+    /// The camera's wall clock when the frame was taken (Unix seconds), where it says.
+    pub captured_at: Option<f64>,
     pub prompt_scope: String,
     pub prompt_version: i64,
     pub model: String,

@@ -55,8 +55,8 @@ impl Store {
             .filter(|a| !a.is_empty());
         let keeps = result.evidence.is_some() && self.evidence.keeps();
         let inserted = sqlx::query(
-            "INSERT INTO results (job_id, seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, source_key, output_format, alerts, evidence, replay_job, replay_seq) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+            "INSERT INTO results (job_id, seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, source_key, output_format, alerts, evidence, replay_job, replay_seq, captured_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
              ON CONFLICT (job_id, source_key) DO NOTHING",
         )
         .bind(job_id)
@@ -76,6 +76,7 @@ impl Store {
         .bind(i64::from(keeps))
         .bind(result.replay_of.as_ref().map(|(j, _)| j.as_str()))
         .bind(result.replay_of.as_ref().map(|(_, s)| *s))
+        .bind(result.captured_at)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -119,6 +120,9 @@ impl Store {
         }
         if kept {
             data["frame_url"] = frame_url(job_id, seq).into();
+        }
+        if let Some(at) = result.captured_at {
+            data["captured_at"] = at.into();
         }
         if let Some((job, seq)) = &result.replay_of {
             data["replay_of"] = serde_json::json!({"job_id": job, "seq": seq});
@@ -176,7 +180,7 @@ impl Store {
             return Ok(page);
         }
         let rows = sqlx::query(limited(
-            "SELECT seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, output_format, alerts, evidence, replay_job, replay_seq \
+            "SELECT seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, output_format, alerts, evidence, replay_job, replay_seq, captured_at \
              FROM results WHERE job_id = $1 AND seq > $2 ORDER BY seq",
             limit,
         ))
@@ -210,6 +214,7 @@ impl Store {
                     latency: serde_json::from_str(&latency)
                         .map_err(|e| StoreError::Corrupt(e.to_string()))?,
                     created_at: r.try_get(9)?,
+                    captured_at: r.try_get(15)?,
                     evidence: r.try_get::<i64, _>(12)? != 0,
                     replay_of: match (r.try_get::<Option<String>, _>(13)?, r.try_get(14)?) {
                         (Some(job), Some(seq)) => Some((job, seq)),

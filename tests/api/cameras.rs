@@ -136,6 +136,48 @@ async fn first_frames_match(app: &TestApp, id: &str, n: i64) -> Value {
     st
 }
 
+/// Waits for results dated by the camera's RTCP sender reports (GStreamer's server sends
+/// them with this machine's clock), then checks the first session's dates: taken before they
+/// were answered, and as far apart as their pts_ms.
+async fn assert_dated_by_the_camera(app: &TestApp, id: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let dated = loop {
+        let dated: Vec<(i64, f64, f64)> = app
+            .all_results(id)
+            .await
+            .iter()
+            .filter(|r| r["pts_ms"].as_i64() < Some(5000))
+            .filter_map(|r| {
+                Some((
+                    r["pts_ms"].as_i64()?,
+                    r["captured_at"].as_f64()?,
+                    r["created_at"].as_f64()?,
+                ))
+            })
+            .collect();
+        if dated.len() >= 2 {
+            break dated;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no result has captured_at: {dated:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    for &(pts, captured, created) in &dated {
+        assert!(
+            captured <= created + 0.05 && created - captured < 15.0,
+            "result at {pts} ms: captured at {captured}, stored at {created}"
+        );
+        let (pts0, captured0, _) = dated[0];
+        let apart = (captured - captured0) - (pts - pts0) as f64 / 1000.0;
+        assert!(
+            apart.abs() < 0.05,
+            "captured_at moves with pts_ms: {dated:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_camera_is_read_at_its_pts_reconnected_after_a_restart_and_its_password_hidden() {
     // Kept whole: its folder holds the clip the restarted server reads again.
@@ -143,6 +185,7 @@ async fn a_camera_is_read_at_its_pts_reconnected_after_a_restart_and_its_passwor
     let (app, id) = (&rig.app, rig.id.clone());
     let st = first_frames_match(app, &id, 4).await;
     assert_eq!(st["source_type"], "rtsp");
+    assert_dated_by_the_camera(app, &id).await;
 
     // The server goes away and comes back: the job reconnects and results go on.
     rig.server.restart();
@@ -215,6 +258,19 @@ async fn a_camera_that_stops_sending_is_stalled_then_reconnected() {
         })
         .await;
     assert_eq!(st["status"], "running", "a stall is not a failure: {st}");
+    let gauge = |text: &str, state: &str| {
+        let line = format!("free_roam_source_state_jobs{{state=\"{state}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let metrics = app.get("/metrics").await.body;
+    let text = metrics.as_str().unwrap();
+    assert_eq!(
+        gauge(text, "stalled").unwrap_or(0.0) + gauge(text, "reconnecting").unwrap_or(0.0),
+        1.0,
+        "{text}"
+    );
     server.signal("CONT");
     let before = st["results_count"].as_i64().unwrap();
     let st = app
@@ -225,10 +281,167 @@ async fn a_camera_that_stops_sending_is_stalled_then_reconnected() {
         })
         .await;
     assert_eq!(st["status"], "running", "{st}");
+    let metrics = app.get("/metrics").await.body;
+    let text = metrics.as_str().unwrap();
+    assert_eq!(gauge(text, "live"), Some(1.0), "{text}");
+    assert_eq!(gauge(text, "stalled").unwrap_or(0.0), 0.0, "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("free_roam_pipeline_reconnects_total ") && !l.ends_with(" 0")),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_camera_is_read_over_udp_when_asked() {
     let rig = camera_job(&[("RTSP_TRANSPORT", "udp")]).await;
     first_frames_match(&rig.app, &rig.id, 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_camera_on_a_private_address_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_file(dir.path(), "clip.mkv", 3.0);
+    let server = RtspServer::start(&clip, 0);
+    let model = ModelServer::start().await;
+    let owned = model.env();
+    let mut env = pairs(&owned);
+    env.retain(|(k, _)| *k != "ALLOW_PRIVATE_NETWORKS");
+    let app = TestApp::spawn_with(Db::Sqlite, &env).await;
+    // An address, and a name the guard resolves itself before connecting.
+    for host in ["127.0.0.1", "localhost"] {
+        let url = server.url(PASSWORD).replace("127.0.0.1", host);
+        let id = app.start_job(json!({"stream_ref": url})).await;
+        let st = app
+            .wait_status(&id, &["failed"], Duration::from_secs(30))
+            .await;
+        let error = st["error"].as_str().unwrap();
+        assert!(
+            error.contains("loopback") && error.contains("ALLOW_PRIVATE_NETWORKS"),
+            "{host}: {st}"
+        );
+        assert!(!st.to_string().contains(PASSWORD), "{st}");
+    }
+    let tls = app
+        .post(
+            "/api/v1/inference/start",
+            json!({"stream_ref": "rtsps://cam.example.com/live"}),
+        )
+        .await;
+    assert_eq!(tls.status, reqwest::StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(tls.body.to_string().contains("rtsps://"), "{}", tls.body);
+}
+
+/// The whole log of a service process (debug level, every crate) that ran a camera job
+/// through a reconnection and a job with a wrong password holds neither password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_log_line_of_a_whole_run_holds_a_password() {
+    const WRONG: &str = "Wr0ng-pa55word";
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_file(dir.path(), "clip.mkv", 6.0);
+    let mut server = RtspServer::start(&clip, 0);
+    let model = ModelServer::start().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log_path = dir.path().join("service.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_free-roam"));
+    cmd.env_clear()
+        .current_dir(dir.path())
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .arg("serve")
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .env("DATABASE_URL", "sqlite://free-roam.db")
+        .env("RATE_LIMIT_ENABLED", "false")
+        .env("LOG_LEVEL", "debug")
+        .env("LOG_FORMAT", "json")
+        .env("RTSP_STALL_SECS", "2")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    for (k, v) in model.env() {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let status = |id: String| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            let r = client
+                .get(format!("{base}/api/v1/inference/status/{id}"))
+                .send()
+                .await;
+            match r {
+                Ok(r) => r.json::<Value>().await.unwrap_or(Value::Null),
+                Err(_) => Value::Null,
+            }
+        }
+    };
+    let start = |url: String| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            for _ in 0..200 {
+                let sent = client
+                    .post(format!("{base}/api/v1/inference/start"))
+                    .json(&json!({"stream_ref": url, "fps": 2}))
+                    .send()
+                    .await;
+                if let Ok(r) = sent {
+                    assert_eq!(r.status(), reqwest::StatusCode::ACCEPTED);
+                    let body: Value = r.json().await.unwrap();
+                    return body["job_id"].as_str().unwrap().to_owned();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("the service never answered");
+        }
+    };
+    async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(40);
+        while !done().await {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let id = start(server.url(PASSWORD)).await;
+    until("results", async || {
+        status(id.clone()).await["results_count"].as_i64() >= Some(2)
+    })
+    .await;
+    server.restart();
+    until("a reconnection and more results", async || {
+        let st = status(id.clone()).await;
+        st["stats"]["reconnects"].as_i64() >= Some(1) && st["results_count"].as_i64() >= Some(4)
+    })
+    .await;
+    let refused = start(server.url(WRONG)).await;
+    until("the wrong password fails", async || {
+        status(refused.clone()).await["status"] == "failed"
+    })
+    .await;
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let exited = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap();
+    assert!(exited.unwrap().success());
+
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        text.contains("RTSP source lost") && text.contains("viewer:***@"),
+        "the log holds the run (reconnection, the redacted URL): {} bytes",
+        text.len()
+    );
+    for secret in [PASSWORD, WRONG] {
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(secret)).collect();
+        assert!(lines.is_empty(), "{secret} logged: {lines:#?}");
+    }
 }

@@ -298,6 +298,7 @@ fn preprocessing_matches_the_reference_processor() {
             picture: Picture::Rgb(decoded.into_raw()),
             pts_ms: 0,
             evidence: None,
+            captured_at: None,
         };
         let again = model.preprocess(&[Arc::new(unshaped)]).unwrap();
         assert_eq!(

@@ -294,6 +294,7 @@ impl Backend for CandleBackend {
             picture: Picture::Rgb(vec![128; 64 * 64 * 3]),
             pts_ms: 0,
             evidence: None,
+            captured_at: None,
         });
         let out = self
             .run(
