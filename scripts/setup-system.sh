@@ -12,7 +12,7 @@ if [[ "${1:-}" == "--services" ]]; then
   # RTSP tests run GStreamer's RTSP server (tests/rtsp_server.py) on Debian's python3.
   pkgs+=(redis-server postgresql postgresql-client python3-venv chromium chromium-driver
          python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base
-         gstreamer1.0-plugins-good gstreamer1.0-plugins-bad)
+         gstreamer1.0-plugins-good gstreamer1.0-plugins-bad glib-networking openssl)
 fi
 
 missing=()

@@ -86,7 +86,7 @@ pub enum Source {
     Replay { job_id: String, from: i64, to: i64 },
     /// A whole video file, read once from start to end like a VOD.
     File(FileLocation),
-    /// An `rtsp://` camera or server (credentials in the URL's userinfo).
+    /// An `rtsp://` or `rtsps://` camera or server (credentials in the URL's userinfo).
     Rtsp(Url),
 }
 
@@ -162,7 +162,7 @@ pub struct StreamRef {
 }
 
 const STREAM_REF_FORMS: &str = "stream_ref must be an http(s):// HLS playlist URL, \
-     an rtsp:// camera URL (rtsp://user:password@host:port/path), \
+     an rtsp:// or rtsps:// camera URL (rtsp://user:password@host:port/path), \
      an http(s):// URL of a video file (ending in .mp4, .m4v, .mov, .mkv, .webm or .ts), \
      file:///<path> of a file under MEDIA_ROOT, \
      redis://[user:pass@]host:port[/db]/<stream-key>, or a bare Redis stream key \
@@ -212,14 +212,8 @@ impl StreamRef {
                     Source::File(FileLocation::Local(path))
                 }
                 "redis" | "rediss" => Self::redis_url(url)?,
-                "rtsp" if url.host_str().is_some_and(|h| !h.is_empty()) => Source::Rtsp(url),
-                "rtsps" => {
-                    return Err(Invalid::new(
-                        "stream_ref",
-                        "rtsps:// (RTSP over TLS) is not supported: the RTSP client (retina) \
-                         speaks plain rtsp:// only; use rtsp://, or a tunnel that ends TLS \
-                         in front of the camera",
-                    ))
+                "rtsp" | "rtsps" if url.host_str().is_some_and(|h| !h.is_empty()) => {
+                    Source::Rtsp(url)
                 }
                 _ => return Err(Invalid::new("stream_ref", STREAM_REF_FORMS)),
             }
@@ -539,8 +533,7 @@ mod tests {
     fn detects_rtsp_cameras() {
         let r = parse("rtsp://admin:s3cret@10.0.0.7:554/Streaming/Channels/101").unwrap();
         assert_eq!(r.source().kind(), SourceType::Rtsp);
-        let tls = parse("rtsps://cam.example.com/live").unwrap_err();
-        assert!(tls.message.contains("not supported"), "{tls:?}");
+        assert!(parse("rtsps://cam.example.com/live").is_ok());
         assert_eq!(
             redacted_url(r.as_str()),
             "rtsp://admin:***@10.0.0.7:554/Streaming/Channels/101"

@@ -2,6 +2,7 @@
 Matroska H.264 clip at rtsp://127.0.0.1:PORT/cam, looped. Prints the port once listening.
 
 Usage: rtsp_server.py --file clip.mkv [--port 0] [--user U --password P]
+                      [--tls-cert cert.pem --tls-key key.pem]   (rtsps: TLS on every connection)
 """
 
 import argparse
@@ -11,7 +12,7 @@ import gi
 
 gi.require_version("Gst", "1.0")
 gi.require_version("GstRtspServer", "1.0")
-from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
+from gi.repository import Gio, GLib, Gst, GstRtspServer  # noqa: E402
 
 
 def main():
@@ -20,6 +21,8 @@ def main():
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--user")
     p.add_argument("--password")
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
     args = p.parse_args()
     Gst.init(None)
     server = GstRtspServer.RTSPServer()
@@ -41,6 +44,10 @@ def main():
         permissions.add_permission_for_role("user", "media.factory.access", True)
         permissions.add_permission_for_role("user", "media.factory.construct", True)
         factory.add_role_from_structure(permissions.get_role("user"))
+    if args.tls_cert:
+        auth = server.get_auth() or GstRtspServer.RTSPAuth()
+        auth.set_tls_certificate(Gio.TlsCertificate.new_from_files(args.tls_cert, args.tls_key))
+        server.set_auth(auth)
     server.get_mount_points().add_factory("/cam", factory)
     server.attach(None)
     print(server.get_bound_port(), flush=True)

@@ -104,6 +104,8 @@ pub struct RtspSettings {
     pub stall: Duration,
     /// No successful connection for this long: the job fails.
     pub give_up: Duration,
+    /// PEM certificates trusted for `rtsps://` cameras beside the system's roots.
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl PipelineSettings {

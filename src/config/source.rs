@@ -19,6 +19,19 @@ pub(super) const AWS: &str = "AWS_";
 pub(super) struct Source(pub(super) HashMap<String, String>);
 
 impl Source {
+    /// A file of PEM certificates named by `name`, checked to hold one; empty: none.
+    fn ca_file(&self, name: &'static str) -> Result<Option<PathBuf>, ConfigError> {
+        let raw = self.raw(name);
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        match std::fs::read_to_string(&raw) {
+            Ok(text) if text.contains("-----BEGIN CERTIFICATE-----") => Ok(Some(PathBuf::from(raw))),
+            Ok(_) => Err(self.invalid(name, "the file holds no PEM certificate")),
+            Err(e) => Err(self.invalid(name, &format!("cannot read it: {e}"))),
+        }
+    }
+
     pub(super) fn raw(&self, name: &'static str) -> String {
         self.0
             .get(name)
@@ -323,6 +336,7 @@ impl Source {
                         "seconds from 1 to 604800",
                         |v: &u64| (1..=604_800).contains(v),
                     )?),
+                    tls_ca_file: self.ca_file("RTSP_TLS_CA_FILE")?,
                 },
                 media_root: Some(self.raw("MEDIA_ROOT"))
                     .filter(|r| !r.is_empty())

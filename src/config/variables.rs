@@ -64,6 +64,7 @@ variables! {
     "RTSP_TRANSPORT" = "tcp" : "How RTSP cameras send RTP: tcp (interleaved on the RTSP connection; works through NAT and firewalls) or udp.";
     "RTSP_STALL_SECS" = "10" : "An RTSP source that delivers no frame for this long is stalled: the job reconnects.";
     "RTSP_GIVE_UP_SECS" = "300" : "An RTSP job fails after this long without a successful (re)connection.";
+    "RTSP_TLS_CA_FILE" = "" : "PEM certificates (a camera's own CA, or its self-signed certificate's issuer) trusted for rtsps:// beside the system's roots.";
     "MEDIA_ROOT" = "" : "Directory whose files jobs may read (stream_ref file:///<path> under it); empty: local files are refused.";
     "REDIS_BLOCK_MS" = "1000" : "How long one XREADGROUP waits for new entries.";
     "REDIS_HOST" = "localhost" : "Redis host for bare stream keys (the seed's form of stream_ref).";

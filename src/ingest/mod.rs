@@ -8,4 +8,5 @@ pub mod file;
 pub mod hls;
 pub mod redis;
 pub mod rtsp;
+pub mod rtsps;
 pub mod ssrf;

@@ -1,5 +1,6 @@
-//! RTSP cameras with `retina` (a pure-Rust RTSP client made for IP cameras): the first H.264
-//! or H.265 video stream, TCP-interleaved by default, its access units timed from the RTP
+//! RTSP cameras with `retina` (a pure-Rust RTSP client made for IP cameras; `rtsps://` through
+//! [`super::rtsps`]'s TLS tunnel): the first H.264 or H.265 video stream, TCP-interleaved by
+//! default, its access units timed from the RTP
 //! timestamps (retina unwraps them) on one timeline across reconnections. Cameras fail and
 //! jobs don't: after an end, an error or a stall (no frame for RTSP_STALL_SECS) the source
 //! reconnects with capped, jittered backoff, and gives up only after RTSP_GIVE_UP_SECS without
@@ -21,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
+use super::rtsps::TunnelError;
 use super::ssrf::NetworkPolicy;
 use crate::config::RtspSettings;
 use crate::domain::redacted_url;
@@ -161,13 +163,29 @@ impl RtspSource {
     ) -> Result<Ended, RtspError> {
         let stall = self.settings.stall;
         let (url, creds) = split_credentials(&self.url);
-        // Resolved and checked at every connection: the camera's name may move.
-        let url = match self.policy.pinned(&url).await {
-            Ok(url) => url,
-            Err(Some(refused)) => return Err(RtspError::Refused(refused.to_string())),
-            Err(None) => {
-                let host = url.host_str().unwrap_or_default().to_owned();
-                return Ok(Ended::Lost(format!("{host} does not resolve")));
+        // Resolved and checked at every connection: the camera's name may move. rtsps://
+        // goes through a TLS tunnel that lives as long as this session.
+        let tls = url.scheme() == "rtsps";
+        let _tunnel;
+        let url = if tls {
+            let ca = self.settings.tls_ca_file.as_deref();
+            match super::rtsps::open(&url, &self.policy, ca, stall).await {
+                Ok(tunnel) => {
+                    let plain = tunnel.url.clone();
+                    _tunnel = tunnel;
+                    plain
+                }
+                Err(TunnelError::Lost(why)) => return Ok(Ended::Lost(why)),
+                Err(e) => return Err(RtspError::Refused(without_password(&e.to_string(), &self.url))),
+            }
+        } else {
+            match self.policy.pinned(&url).await {
+                Ok(url) => url,
+                Err(Some(refused)) => return Err(RtspError::Refused(refused.to_string())),
+                Err(None) => {
+                    let host = url.host_str().unwrap_or_default().to_owned();
+                    return Ok(Ended::Lost(format!("{host} does not resolve")));
+                }
             }
         };
         let options = SessionOptions::default()
@@ -206,7 +224,8 @@ impl RtspSource {
                 "the camera offers no H.264 or H.265 video stream".into(),
             ));
         };
-        let transport = if self.settings.udp {
+        // Over TLS, RTP can only come interleaved on the tunnel.
+        let transport = if self.settings.udp && !tls {
             Transport::Udp(UdpTransportOptions::default())
         } else {
             Transport::Tcp(TcpTransportOptions::default())

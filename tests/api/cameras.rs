@@ -22,6 +22,16 @@ struct RtspServer {
 
 impl RtspServer {
     fn start(clip: &Path, port: u16) -> Self {
+        Self::start_with(clip, port, &[])
+    }
+
+    /// The server with TLS on every connection (rtsps), presenting `cert`.
+    fn start_tls(clip: &Path, cert: &Path, key: &Path) -> Self {
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        Self::start_with(clip, 0, &["--tls-cert", &cert, "--tls-key", &key])
+    }
+
+    fn start_with(clip: &Path, port: u16, extra: &[&str]) -> Self {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/rtsp_server.py");
         // Debian's Python: python3-gi and the GStreamer bindings live there.
         let mut child = Command::new("/usr/bin/python3")
@@ -36,6 +46,7 @@ impl RtspServer {
                 "--password",
                 PASSWORD,
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .spawn()
             .expect("/usr/bin/python3 runs (scripts/setup-system.sh installs python3-gi)");
@@ -308,9 +319,12 @@ async fn a_camera_on_a_private_address_is_refused_unless_allowed() {
     let mut env = pairs(&owned);
     env.retain(|(k, _)| *k != "ALLOW_PRIVATE_NETWORKS");
     let app = TestApp::spawn_with(Db::Sqlite, &env).await;
-    // An address, and a name the guard resolves itself before connecting.
-    for host in ["127.0.0.1", "localhost"] {
-        let url = server.url(PASSWORD).replace("127.0.0.1", host);
+    // An address, and a name the guard resolves itself before connecting (plain or TLS).
+    for (scheme, host) in [("rtsp", "127.0.0.1"), ("rtsp", "localhost"), ("rtsps", "localhost")] {
+        let url = server
+            .url(PASSWORD)
+            .replace("127.0.0.1", host)
+            .replace("rtsp://", &format!("{scheme}://"));
         let id = app.start_job(json!({"stream_ref": url})).await;
         let st = app
             .wait_status(&id, &["failed"], Duration::from_secs(30))
@@ -318,18 +332,10 @@ async fn a_camera_on_a_private_address_is_refused_unless_allowed() {
         let error = st["error"].as_str().unwrap();
         assert!(
             error.contains("loopback") && error.contains("ALLOW_PRIVATE_NETWORKS"),
-            "{host}: {st}"
+            "{scheme}://{host}: {st}"
         );
         assert!(!st.to_string().contains(PASSWORD), "{st}");
     }
-    let tls = app
-        .post(
-            "/api/v1/inference/start",
-            json!({"stream_ref": "rtsps://cam.example.com/live"}),
-        )
-        .await;
-    assert_eq!(tls.status, reqwest::StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(tls.body.to_string().contains("rtsps://"), "{}", tls.body);
 }
 
 /// The whole log of a service process (debug level, every crate) that ran a camera job
@@ -444,4 +450,65 @@ async fn no_log_line_of_a_whole_run_holds_a_password() {
         let lines: Vec<&str> = text.lines().filter(|l| l.contains(secret)).collect();
         assert!(lines.is_empty(), "{secret} logged: {lines:#?}");
     }
+}
+
+/// A CA and a certificate it issued for 127.0.0.1, made with the openssl CLI in `dir`:
+/// (ca.pem, cert.pem, key.pem).
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the openssl CLI runs (scripts/setup-system.sh installs it)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&[
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test camera CA",
+    ]);
+    run(&[
+        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "key.pem", "-out", "cam.csr", "-subj", "/CN=camera",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509", "-req", "-in", "cam.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "cert.pem", "-days", "2", "-extfile", "ext.cnf",
+    ]);
+    (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rtsps_camera_is_read_over_tls_and_an_untrusted_one_fails_saying_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_file(dir.path(), "clip.mkv", 6.0);
+    let (ca, cert, key) = certificates(dir.path());
+    let server = RtspServer::start_tls(&clip, &cert, &key);
+    let url = server.url(PASSWORD).replace("rtsp://", "rtsps://");
+    let model = ModelServer::start().await;
+    let owned = model.env();
+    let ca_file = ca.display().to_string();
+    let mut env = pairs(&owned);
+    env.push(("RTSP_TLS_CA_FILE", ca_file.as_str()));
+    let app = TestApp::spawn_with(Db::Sqlite, &env).await;
+    let id = app.start_job(json!({"stream_ref": url, "fps": 2})).await;
+    first_frames_match(&app, &id, 4).await;
+
+    // The same camera for a service that does not trust its CA: failed at once, saying why.
+    let strict = TestApp::spawn_with(Db::Sqlite, &pairs(&owned)).await;
+    let id = strict.start_job(json!({"stream_ref": url, "fps": 2})).await;
+    let st = strict
+        .wait_status(&id, &["failed"], Duration::from_secs(30))
+        .await;
+    let error = st["error"].as_str().unwrap();
+    assert!(
+        error.contains("not trusted") && error.contains("RTSP_TLS_CA_FILE"),
+        "{st}"
+    );
+    assert!(!st.to_string().contains(PASSWORD), "{st}");
 }
