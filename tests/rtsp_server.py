@@ -1,7 +1,7 @@
 """An RTSP server for tests: GStreamer's gst-rtsp-server (Debian's packages) serving a
 Matroska H.264 clip at rtsp://127.0.0.1:PORT/cam, looped. Prints the port once listening.
 
-Usage: rtsp_server.py --file clip.mkv [--port 0] [--user U --password P]
+Usage: rtsp_server.py --file clip.mkv [--codec h264|h265] [--port 0] [--user U --password P]
                       [--tls-cert cert.pem --tls-key key.pem]   (rtsps: TLS on every connection)
 """
 
@@ -18,6 +18,7 @@ from gi.repository import Gio, GLib, Gst, GstRtspServer  # noqa: E402
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--file", required=True)
+    p.add_argument("--codec", choices=["h264", "h265"], default="h264")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--user")
     p.add_argument("--password")
@@ -30,8 +31,8 @@ def main():
     server.set_service(str(args.port))
     factory = GstRtspServer.RTSPMediaFactory()
     factory.set_launch(
-        f"( filesrc location={args.file} ! matroskademux ! h264parse "
-        "! rtph264pay name=pay0 pt=96 config-interval=1 )"
+        f"( filesrc location={args.file} ! matroskademux ! {args.codec}parse "
+        f"! rtp{args.codec}pay name=pay0 pt=96 config-interval=1 )"
     )
     factory.set_shared(True)
     if args.user:

@@ -26,7 +26,9 @@ impl Source {
             return Ok(None);
         }
         match std::fs::read_to_string(&raw) {
-            Ok(text) if text.contains("-----BEGIN CERTIFICATE-----") => Ok(Some(PathBuf::from(raw))),
+            Ok(text) if text.contains("-----BEGIN CERTIFICATE-----") => {
+                Ok(Some(PathBuf::from(raw)))
+            }
             Ok(_) => Err(self.invalid(name, "the file holds no PEM certificate")),
             Err(e) => Err(self.invalid(name, &format!("cannot read it: {e}"))),
         }

@@ -176,7 +176,12 @@ impl RtspSource {
                     plain
                 }
                 Err(TunnelError::Lost(why)) => return Ok(Ended::Lost(why)),
-                Err(e) => return Err(RtspError::Refused(without_password(&e.to_string(), &self.url))),
+                Err(e) => {
+                    return Err(RtspError::Refused(without_password(
+                        &e.to_string(),
+                        &self.url,
+                    )))
+                }
             }
         } else {
             match self.policy.pinned(&url).await {

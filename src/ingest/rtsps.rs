@@ -111,12 +111,14 @@ pub async fn open(
         tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
             .await
-            .map_err(|e| match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                Some(rustls::Error::InvalidCertificate(why)) => {
-                    TunnelError::Untrusted(format!("{why:?}"))
-                }
-                _ => TunnelError::Lost(format!("TLS with {host}:{port} failed: {e}")),
-            })
+            .map_err(
+                |e| match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                    Some(rustls::Error::InvalidCertificate(why)) => {
+                        TunnelError::Untrusted(format!("{why:?}"))
+                    }
+                    _ => TunnelError::Lost(format!("TLS with {host}:{port} failed: {e}")),
+                },
+            )
     };
     let tls = tokio::time::timeout(timeout, connect)
         .await
@@ -134,8 +136,7 @@ pub async fn open(
     plain.set_port(Some(local.port())).map_err(bad)?;
     let task = tokio::spawn(async move {
         // One client: retina's, which connects at once.
-        let Ok(Ok((mut client, _))) = tokio::time::timeout(timeout, listener.accept()).await
-        else {
+        let Ok(Ok((mut client, _))) = tokio::time::timeout(timeout, listener.accept()).await else {
             return;
         };
         drop(listener);

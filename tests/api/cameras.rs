@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::fixtures::{assert_right_frames, make_file, ModelServer};
+use crate::fixtures::{assert_right_frames, make_file, make_file_in, ModelServer};
 use crate::helpers::{pairs, Db, TestApp};
 
 const PASSWORD: &str = "Sup3r-s3cret";
@@ -304,6 +304,20 @@ async fn a_camera_that_stops_sending_is_stalled_then_reconnected() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h265_camera_is_read_at_its_pts() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_file_in(dir.path(), "clip.mkv", 6.0, "libx265");
+    let server = RtspServer::start_with(&clip, 0, &["--codec", "h265"]);
+    let model = ModelServer::start().await;
+    let owned = model.env();
+    let app = TestApp::spawn_with(Db::Sqlite, &pairs(&owned)).await;
+    let id = app
+        .start_job(json!({"stream_ref": server.url(PASSWORD), "fps": 2}))
+        .await;
+    first_frames_match(&app, &id, 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_camera_is_read_over_udp_when_asked() {
     let rig = camera_job(&[("RTSP_TRANSPORT", "udp")]).await;
     first_frames_match(&rig.app, &rig.id, 4).await;
@@ -320,7 +334,11 @@ async fn a_camera_on_a_private_address_is_refused_unless_allowed() {
     env.retain(|(k, _)| *k != "ALLOW_PRIVATE_NETWORKS");
     let app = TestApp::spawn_with(Db::Sqlite, &env).await;
     // An address, and a name the guard resolves itself before connecting (plain or TLS).
-    for (scheme, host) in [("rtsp", "127.0.0.1"), ("rtsp", "localhost"), ("rtsps", "localhost")] {
+    for (scheme, host) in [
+        ("rtsp", "127.0.0.1"),
+        ("rtsp", "localhost"),
+        ("rtsps", "localhost"),
+    ] {
         let url = server
             .url(PASSWORD)
             .replace("127.0.0.1", host)
@@ -461,15 +479,42 @@ fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
             .current_dir(dir)
             .output()
             .expect("the openssl CLI runs (scripts/setup-system.sh installs it)");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     run(&[
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test camera CA",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test camera CA",
     ]);
     run(&[
-        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", "key.pem", "-out", "cam.csr", "-subj", "/CN=camera",
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "cam.csr",
+        "-subj",
+        "/CN=camera",
     ]);
     std::fs::write(
         dir.join("ext.cnf"),
@@ -477,10 +522,27 @@ fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     )
     .unwrap();
     run(&[
-        "x509", "-req", "-in", "cam.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "cert.pem", "-days", "2", "-extfile", "ext.cnf",
+        "x509",
+        "-req",
+        "-in",
+        "cam.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "cert.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
     ]);
-    (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"))
+    (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -405,11 +405,27 @@ fn x264_from_lavfi(filter: &str, pix_fmt: &str) -> Command {
 /// A `seconds`-long 320x180 file of the brightness ramp at `dir/name`, its container chosen
 /// by the extension (an MP4 keeps ffmpeg's default: its index, `moov`, at the end).
 pub fn make_file(dir: &Path, name: &str, seconds: f64) -> PathBuf {
+    make_file_in(dir, name, seconds, "libx264")
+}
+
+/// [`make_file`] encoded with `encoder` (`libx264`, or `libx265`: HEVC with B-frames).
+pub fn make_file_in(dir: &Path, name: &str, seconds: f64, encoder: &str) -> PathBuf {
     let out = dir.join(name);
     let filter = format!(
         "color=c=black:s=320x180:r=30:d={seconds},geq=lum='16+T*{LUMA_PER_SECOND}':cb=128:cr=128,format=yuv420p"
     );
-    let status = x264_from_lavfi(&filter, "yuv420p")
+    let mut cmd = x264_from_lavfi(&filter, "yuv420p");
+    if encoder == "libx265" {
+        cmd.args([
+            "-c:v",
+            "libx265",
+            "-x265-params",
+            "log-level=error:keyint=30:min-keyint=30:scenecut=0:bframes=2:open-gop=0",
+            "-forced-idr",
+            "1",
+        ]);
+    }
+    let status = cmd
         .args(["-force_key_frames", "expr:gte(t,n_forced*1)"])
         .arg(&out)
         .status()
