@@ -49,9 +49,11 @@ impl Pipeline {
                 .unwrap_or_else(|| Sampler::new(self.job.fps)),
             params: None,
             units: Vec::new(),
+            bytes: 0,
             discontinuity: false,
         };
         let mut failure = None;
+        let max_group_bytes = self.settings.pipeline.max_segment_bytes;
         // This session's wall clock, from its latest sender report.
         let mut clock: Option<WallClock> = None;
         while let Some(event) = tokio::select! { _ = stop.cancelled() => None, e = rx.recv() => e }
@@ -80,13 +82,21 @@ impl Pipeline {
                 RtspEvent::Unit(unit) => {
                     if unit.key {
                         let done = state.take(Some(unit.pts_ms));
-                        state.units.push(unit);
+                        state.push(unit);
                         done
-                    } else {
+                    } else if state.units.is_empty() {
                         // Nothing decodes before the first keyframe.
-                        if !state.units.is_empty() {
-                            state.units.push(unit);
-                        }
+                        None
+                    } else if state.bytes + unit.data.len() > max_group_bytes {
+                        // A camera that stops sending keyframes must not fill memory: what
+                        // was gathered is dropped, and decoding waits for the next one.
+                        tracing::warn!(job_id = %self.job_id, bytes = state.bytes, "no keyframe within MAX_SEGMENT_BYTES of video; frames dropped until the next keyframe");
+                        Stats::add(&self.stats.segments_failed, 1);
+                        state.units.clear();
+                        state.bytes = 0;
+                        None
+                    } else {
+                        state.push(unit);
                         None
                     }
                 }
@@ -141,6 +151,8 @@ struct Group {
     sampler: Sampler,
     params: Option<Arc<UnitParams>>,
     units: Vec<Unit>,
+    /// Bytes of `units`.
+    bytes: usize,
     discontinuity: bool,
 }
 
@@ -153,9 +165,15 @@ impl Group {
             return None;
         }
         let units = std::mem::take(&mut self.units);
+        self.bytes = 0;
         let params = self.params.clone()?;
         let discontinuity = std::mem::take(&mut self.discontinuity);
         Some((params, units, next, discontinuity))
+    }
+
+    fn push(&mut self, unit: Unit) {
+        self.bytes += unit.data.len();
+        self.units.push(unit);
     }
 
     async fn decode(

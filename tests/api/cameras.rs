@@ -306,7 +306,7 @@ async fn a_camera_that_stops_sending_is_stalled_then_reconnected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h265_camera_is_read_at_its_pts() {
     let dir = tempfile::tempdir().unwrap();
-    let clip = make_file_in(dir.path(), "clip.mkv", 6.0, "libx265");
+    let clip = make_file_in(dir.path(), "clip.mkv", 6.0, "libx265", 1.0);
     let server = RtspServer::start_with(&clip, 0, &["--codec", "h265"]);
     let model = ModelServer::start().await;
     let owned = model.env();
@@ -573,4 +573,29 @@ async fn an_rtsps_camera_is_read_over_tls_and_an_untrusted_one_fails_saying_so()
         "{st}"
     );
     assert!(!st.to_string().contains(PASSWORD), "{st}");
+}
+
+/// A camera that sends one keyframe and then only P-frames does not fill memory: past
+/// MAX_SEGMENT_BYTES of video without a keyframe, what was gathered is dropped (counted), and
+/// the job goes on waiting for the next keyframe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_camera_without_keyframes_cannot_fill_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_file_in(dir.path(), "clip.mkv", 6.0, "libx264", 60.0);
+    let server = RtspServer::start(&clip, 0);
+    let model = ModelServer::start().await;
+    let owned = model.env();
+    let mut env = pairs(&owned);
+    env.push(("MAX_SEGMENT_BYTES", "1024"));
+    let app = TestApp::spawn_with(Db::Sqlite, &env).await;
+    let id = app
+        .start_job(json!({"stream_ref": server.url(PASSWORD), "fps": 2}))
+        .await;
+    let st = app
+        .wait_for(&id, Duration::from_secs(30), |s| {
+            s["stats"]["segments_failed"].as_i64() >= Some(1)
+        })
+        .await;
+    assert_eq!(st["status"], "running", "{st}");
+    assert_eq!(st["stats"]["frames_decoded"], 0, "{st}");
 }

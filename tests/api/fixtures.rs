@@ -405,11 +405,18 @@ fn x264_from_lavfi(filter: &str, pix_fmt: &str) -> Command {
 /// A `seconds`-long 320x180 file of the brightness ramp at `dir/name`, its container chosen
 /// by the extension (an MP4 keeps ffmpeg's default: its index, `moov`, at the end).
 pub fn make_file(dir: &Path, name: &str, seconds: f64) -> PathBuf {
-    make_file_in(dir, name, seconds, "libx264")
+    make_file_in(dir, name, seconds, "libx264", 1.0)
 }
 
-/// [`make_file`] encoded with `encoder` (`libx264`, or `libx265`: HEVC with B-frames).
-pub fn make_file_in(dir: &Path, name: &str, seconds: f64, encoder: &str) -> PathBuf {
+/// [`make_file`] encoded with `encoder` (`libx264`, or `libx265`: HEVC with B-frames), a
+/// keyframe every `key_every` seconds.
+pub fn make_file_in(
+    dir: &Path,
+    name: &str,
+    seconds: f64,
+    encoder: &str,
+    key_every: f64,
+) -> PathBuf {
     let out = dir.join(name);
     let filter = format!(
         "color=c=black:s=320x180:r=30:d={seconds},geq=lum='16+T*{LUMA_PER_SECOND}':cb=128:cr=128,format=yuv420p"
@@ -426,7 +433,11 @@ pub fn make_file_in(dir: &Path, name: &str, seconds: f64, encoder: &str) -> Path
         ]);
     }
     let status = cmd
-        .args(["-force_key_frames", "expr:gte(t,n_forced*1)"])
+        .args([
+            "-force_key_frames",
+            &format!("expr:gte(t,n_forced*{key_every})"),
+        ])
+        .args(["-g", &((key_every * 30.0) as u32).to_string()])
         .arg(&out)
         .status()
         .expect("the ffmpeg CLI is installed (scripts/test installs it)");
