@@ -107,10 +107,7 @@ struct Rig {
 }
 
 async fn camera_job(env: &[(&str, &str)]) -> Rig {
-    let dir = tempfile::tempdir().unwrap();
-    let clip = make_file(dir.path(), "clip.mkv", 6.0);
-    let server = RtspServer::start(&clip, 0);
-    let model = ModelServer::start().await;
+    let (dir, server, model) = camera(6.0, "libx264", 1.0, &[]).await;
     let owned = model.env();
     let mut all = pairs(&owned);
     all.extend_from_slice(env);
@@ -125,6 +122,31 @@ async fn camera_job(env: &[(&str, &str)]) -> Rig {
         app,
         id,
     }
+}
+
+/// A folder holding the ramp clip (`seconds` long, `encoder`, a keyframe every `key_every`
+/// seconds), a camera serving it (`args` for the server) and the stand-in model.
+async fn camera(
+    seconds: f64,
+    encoder: &str,
+    key_every: f64,
+    args: &[&str],
+) -> (tempfile::TempDir, RtspServer, ModelServer) {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_file_in(dir.path(), "clip.mkv", seconds, encoder, key_every);
+    let server = RtspServer::start_with(&clip, 0, args);
+    (dir, server, ModelServer::start().await)
+}
+
+/// Waits for job `id` to fail, checks its error says each of `words`, and that `secret`
+/// shows nowhere in its status.
+async fn fails_saying(app: &TestApp, id: &str, words: &[&str], secret: &str) {
+    let st = app
+        .wait_status(id, &["failed"], Duration::from_secs(30))
+        .await;
+    let error = st["error"].as_str().unwrap();
+    assert!(words.iter().all(|w| error.contains(w)), "{words:?}: {st}");
+    assert!(!st.to_string().contains(secret), "{st}");
 }
 
 /// Waits for `n` results, then checks the first session's frames (it starts at the clip's
@@ -234,21 +256,13 @@ async fn a_camera_is_read_at_its_pts_reconnected_after_a_restart_and_its_passwor
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_credentials_fail_the_job_saying_so() {
-    let dir = tempfile::tempdir().unwrap();
-    let clip = make_file(dir.path(), "clip.mkv", 3.0);
-    let server = RtspServer::start(&clip, 0);
-    let model = ModelServer::start().await;
+    let (_dir, server, model) = camera(3.0, "libx264", 1.0, &[]).await;
     let owned = model.env();
     let app = TestApp::spawn_with(Db::Sqlite, &pairs(&owned)).await;
     let id = app
         .start_job(json!({"stream_ref": server.url("not-the-password")}))
         .await;
-    let st = app
-        .wait_status(&id, &["failed"], Duration::from_secs(30))
-        .await;
-    let error = st["error"].as_str().unwrap();
-    assert!(error.contains("credentials"), "{st}");
-    assert!(!st.to_string().contains("not-the-password"), "{st}");
+    fails_saying(&app, &id, &["credentials"], "not-the-password").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,10 +319,7 @@ async fn a_camera_that_stops_sending_is_stalled_then_reconnected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h265_camera_is_read_at_its_pts() {
-    let dir = tempfile::tempdir().unwrap();
-    let clip = make_file_in(dir.path(), "clip.mkv", 6.0, "libx265", 1.0);
-    let server = RtspServer::start_with(&clip, 0, &["--codec", "h265"]);
-    let model = ModelServer::start().await;
+    let (_dir, server, model) = camera(6.0, "libx265", 1.0, &["--codec", "h265"]).await;
     let owned = model.env();
     let app = TestApp::spawn_with(Db::Sqlite, &pairs(&owned)).await;
     let id = app
@@ -325,10 +336,7 @@ async fn a_camera_is_read_over_udp_when_asked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_camera_on_a_private_address_is_refused_unless_allowed() {
-    let dir = tempfile::tempdir().unwrap();
-    let clip = make_file(dir.path(), "clip.mkv", 3.0);
-    let server = RtspServer::start(&clip, 0);
-    let model = ModelServer::start().await;
+    let (_dir, server, model) = camera(3.0, "libx264", 1.0, &[]).await;
     let owned = model.env();
     let mut env = pairs(&owned);
     env.retain(|(k, _)| *k != "ALLOW_PRIVATE_NETWORKS");
@@ -344,15 +352,7 @@ async fn a_camera_on_a_private_address_is_refused_unless_allowed() {
             .replace("127.0.0.1", host)
             .replace("rtsp://", &format!("{scheme}://"));
         let id = app.start_job(json!({"stream_ref": url})).await;
-        let st = app
-            .wait_status(&id, &["failed"], Duration::from_secs(30))
-            .await;
-        let error = st["error"].as_str().unwrap();
-        assert!(
-            error.contains("loopback") && error.contains("ALLOW_PRIVATE_NETWORKS"),
-            "{scheme}://{host}: {st}"
-        );
-        assert!(!st.to_string().contains(PASSWORD), "{st}");
+        fails_saying(&app, &id, &["loopback", "ALLOW_PRIVATE_NETWORKS"], PASSWORD).await;
     }
 }
 
@@ -361,15 +361,8 @@ async fn a_camera_on_a_private_address_is_refused_unless_allowed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_log_line_of_a_whole_run_holds_a_password() {
     const WRONG: &str = "Wr0ng-pa55word";
-    let dir = tempfile::tempdir().unwrap();
-    let clip = make_file(dir.path(), "clip.mkv", 6.0);
-    let mut server = RtspServer::start(&clip, 0);
-    let model = ModelServer::start().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (dir, mut server, model) = camera(6.0, "libx264", 1.0, &[]).await;
+    let port = crate::helpers::free_port();
     let log_path = dir.path().join("service.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_free-roam"));
@@ -485,37 +478,28 @@ fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test camera CA",
-    ]);
-    run(&[
+    // A new P-256 key with a self-signed certificate (the CA), then one with a request.
+    let ec_key = [
         "req",
         "-newkey",
         "ec",
         "-pkeyopt",
         "ec_paramgen_curve:prime256v1",
         "-nodes",
+    ];
+    let ca = [
+        "-x509", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=CA",
+    ];
+    run(&[&ec_key[..], &ca].concat());
+    let leaf = [
         "-keyout",
         "key.pem",
         "-out",
         "cam.csr",
         "-subj",
         "/CN=camera",
-    ]);
+    ];
+    run(&[&ec_key[..], &leaf].concat());
     std::fs::write(
         dir.join("ext.cnf"),
         "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n",
@@ -564,15 +548,7 @@ async fn an_rtsps_camera_is_read_over_tls_and_an_untrusted_one_fails_saying_so()
     // The same camera for a service that does not trust its CA: failed at once, saying why.
     let strict = TestApp::spawn_with(Db::Sqlite, &pairs(&owned)).await;
     let id = strict.start_job(json!({"stream_ref": url, "fps": 2})).await;
-    let st = strict
-        .wait_status(&id, &["failed"], Duration::from_secs(30))
-        .await;
-    let error = st["error"].as_str().unwrap();
-    assert!(
-        error.contains("not trusted") && error.contains("RTSP_TLS_CA_FILE"),
-        "{st}"
-    );
-    assert!(!st.to_string().contains(PASSWORD), "{st}");
+    fails_saying(&strict, &id, &["not trusted", "RTSP_TLS_CA_FILE"], PASSWORD).await;
 }
 
 /// A camera that sends one keyframe and then only P-frames does not fill memory: past
@@ -580,10 +556,7 @@ async fn an_rtsps_camera_is_read_over_tls_and_an_untrusted_one_fails_saying_so()
 /// the job goes on waiting for the next keyframe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_camera_without_keyframes_cannot_fill_memory() {
-    let dir = tempfile::tempdir().unwrap();
-    let clip = make_file_in(dir.path(), "clip.mkv", 6.0, "libx264", 60.0);
-    let server = RtspServer::start(&clip, 0);
-    let model = ModelServer::start().await;
+    let (_dir, server, model) = camera(6.0, "libx264", 60.0, &[]).await;
     let owned = model.env();
     let mut env = pairs(&owned);
     env.push(("MAX_SEGMENT_BYTES", "1024"));

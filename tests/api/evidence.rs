@@ -413,6 +413,23 @@ impl S3Server {
     }
 }
 
+impl S3Server {
+    /// The service's settings for frames in this server's bucket `url` (s3://...), with
+    /// static keys, and `more`.
+    fn env(&self, url: &str, more: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("EVIDENCE", "s3".to_string()),
+            ("EVIDENCE_S3_URL", url.to_string()),
+            ("EVIDENCE_S3_ENDPOINT", self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID", "test-key".to_string()),
+            ("AWS_SECRET_ACCESS_KEY", "test-secret".to_string()),
+            ("RETENTION_SWEEP_SECS", "1".to_string()),
+        ];
+        env.extend(more.iter().map(|(k, v)| (*k, v.to_string())));
+        env
+    }
+}
+
 impl Drop for S3Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -423,16 +440,10 @@ impl Drop for S3Server {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_in_an_s3_bucket_expire_and_a_failing_bucket_loses_no_result() {
     let mut s3 = S3Server::start("frames").await;
-    let env = [
-        ("EVIDENCE", "s3".to_string()),
-        ("EVIDENCE_S3_URL", "s3://frames/evidence/v1".to_string()),
-        ("EVIDENCE_S3_ENDPOINT", s3.endpoint.clone()),
-        ("AWS_ACCESS_KEY_ID", "test-key".to_string()),
-        ("AWS_SECRET_ACCESS_KEY", "test-secret".to_string()),
-        ("AWS_REGION", "eu-west-1".to_string()),
-        ("RETENTION_SWEEP_SECS", "1".to_string()),
-        ("RETENTION_SWEEP_BATCH", "3".to_string()),
-    ];
+    let env = s3.env(
+        "s3://frames/evidence/v1",
+        &[("AWS_REGION", "eu-west-1"), ("RETENTION_SWEEP_BATCH", "3")],
+    );
     let (_dir, origin, _model, app) = rig(4.0, (1280, 720), Db::Sqlite, &pairs(&env)).await;
     let short = vod_job(&app, &origin, json!({"retention": {"evidence": "2s"}})).await;
     let kept = vod_job(&app, &origin, json!({"retention": {"evidence": "off"}})).await;
@@ -497,15 +508,7 @@ async fn frames_in_an_s3_bucket_expire_and_a_failing_bucket_loses_no_result() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_job_takes_its_objects_with_it() {
     let s3 = S3Server::start("frames").await;
-    let env = [
-        ("EVIDENCE", "s3".to_string()),
-        ("EVIDENCE_S3_URL", "s3://frames".to_string()),
-        ("EVIDENCE_S3_ENDPOINT", s3.endpoint.clone()),
-        ("AWS_ACCESS_KEY_ID", "test-key".to_string()),
-        ("AWS_SECRET_ACCESS_KEY", "test-secret".to_string()),
-        ("RETENTION_SWEEP_SECS", "1".to_string()),
-        ("JOB_RETENTION", "3s".to_string()),
-    ];
+    let env = s3.env("s3://frames", &[("JOB_RETENTION", "3s")]);
     let (_dir, origin, _model, app) = rig(2.0, (320, 180), Db::Postgres, &pairs(&env)).await;
     let id = vod_job(&app, &origin, json!({})).await;
     // Read at once: the job is deleted 3 s after it finished.

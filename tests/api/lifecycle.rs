@@ -9,14 +9,6 @@ use crate::helpers::{fresh_postgres_schema, Db, TestApp};
 
 const BIN: &str = env!("CARGO_BIN_EXE_free-roam");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A clean environment: only what the test sets, run in a fresh directory.
 fn command(dir: &std::path::Path) -> Command {
     let mut c = Command::new(BIN);
@@ -29,7 +21,7 @@ fn command(dir: &std::path::Path) -> Command {
 #[tokio::test]
 async fn binary_serves_on_defaults_and_exits_zero_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = crate::helpers::free_port();
     let mut child = command(dir.path())
         .args(["serve"])
         .env("PORT", port.to_string())
@@ -64,7 +56,7 @@ async fn binary_serves_on_defaults_and_exits_zero_on_sigterm() {
     // SQLite runs one replica: a second process on the same file is refused, saying why.
     let second = command(dir.path())
         .args(["serve"])
-        .env("PORT", free_port().to_string())
+        .env("PORT", crate::helpers::free_port().to_string())
         .env("HOST", "127.0.0.1")
         .output()
         .unwrap();

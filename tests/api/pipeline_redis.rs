@@ -226,11 +226,7 @@ async fn wait_redis(url: &str) -> redis::aio::MultiplexedConnection {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_does_not_fail_the_job() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::helpers::free_port();
     let mut server = OwnRedis::start(port);
     let mut c = wait_redis(&server.url()).await;
     let key = "frames";

@@ -59,11 +59,7 @@ impl Replica {
         dir: &std::path::Path,
         extra: &[(&str, &str)],
     ) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::helpers::free_port();
         let mut cmd = Command::new(BIN);
         cmd.env_clear()
             .current_dir(dir)
@@ -529,11 +525,7 @@ impl PrivatePostgres {
             .arg(dir.path())
             .status()
             .unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::helpers::free_port();
         let pg = Self { dir, bin, port };
         let out = pg
             .as_postgres("initdb")

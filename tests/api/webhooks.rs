@@ -295,11 +295,7 @@ async fn dead_deliveries_are_listed_and_sent_again_to_the_global_webhook() {
     let origin = Origin::start(dir.path()).await;
     let model = ModelServer::start().await;
     // A port nobody listens on (yet).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::helpers::free_port();
     let url = format!("http://127.0.0.1:{port}/hooks/free-roam");
     let mut env = model.env();
     env.extend([
