@@ -222,15 +222,7 @@ impl SegmentDecoder {
             discontinuity,
         } = segment;
         let deadline = Instant::now() + self.limits.deadline;
-        let io = format::context::StreamIo::from_read_seek(Cursor::new(bytes))
-            .map_err(|e| DecodeError::Unreadable(e.to_string()))?;
-        let mut options = Dictionary::new();
-        options.set("format_whitelist", DEMUXERS);
-        let mut input =
-            format::input_from_stream_with_interrupt(io, None, Some(options), move || {
-                Instant::now() > deadline
-            })
-            .map_err(|e| DecodeError::Unreadable(e.to_string()))?;
+        let mut input = open_segment(bytes, deadline)?;
         let video = VideoStream::best(&input)?;
         let mut out = SegmentOutcome::default();
         let mut packets = Vec::new();
@@ -407,6 +399,44 @@ impl SegmentDecoder {
             sink.drain(decoder, &timeline, tick_ms, sampler, &mut out)?;
         }
         Ok(out)
+    }
+}
+
+/// Opens a segment's demuxer over its bytes, without `avformat_find_stream_info`: that probe
+/// decodes a segment's first frames (the costly keyframe at least) only to learn what the
+/// decoder learns anyway from the in-band parameter sets (MPEG-TS) or already has from the
+/// init section (fMP4), and buffers the segment's packets a second time. Demuxing stops
+/// at `deadline`.
+fn open_segment(bytes: Vec<u8>, deadline: Instant) -> Result<format::context::Input, DecodeError> {
+    let unreadable = |e: ffmpeg::Error| DecodeError::Unreadable(e.to_string());
+    let mut io = format::context::StreamIo::from_read_seek(Cursor::new(bytes)).map_err(unreadable)?;
+    let mut options = Dictionary::new();
+    options.set("format_whitelist", DEMUXERS);
+    let interrupt = ffmpeg::util::interrupt::new(Box::new(move || Instant::now() > deadline));
+    // SAFETY: the same steps as ffmpeg-next's `input_from_stream_with_interrupt` minus the
+    // probe: a context we allocate, given our AVIO context (owned by the returned Input with
+    // it, and freed with it) and the interrupt (whose guard the Input keeps alive); on
+    // failure avformat_open_input frees the context itself.
+    unsafe {
+        let mut ctx = ffmpeg::ffi::avformat_alloc_context();
+        if ctx.is_null() {
+            return Err(DecodeError::Unreadable("out of memory".into()));
+        }
+        (*ctx).interrupt_callback = interrupt.interrupt;
+        (*ctx).pb = io.as_mut_ptr();
+        (*ctx).flags |= ffmpeg::ffi::AVFMT_FLAG_CUSTOM_IO;
+        let mut opts = options.disown();
+        let opened =
+            ffmpeg::ffi::avformat_open_input(&mut ctx, std::ptr::null(), std::ptr::null(), &mut opts);
+        Dictionary::own(opts);
+        if opened < 0 {
+            return Err(unreadable(ffmpeg::Error::from(opened)));
+        }
+        Ok(format::context::Input::wrap_with_custom_io_and_interrupt(
+            ctx,
+            io,
+            interrupt.guard,
+        ))
     }
 }
 
