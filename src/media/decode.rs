@@ -1,7 +1,8 @@
 //! Decodes a job's fetched HLS segments with ffmpeg-next and returns the sampled frames.
 //!
 //! Runs on a blocking thread. The bytes come from memory through a custom AVIO context, so
-//! ffmpeg never opens a URL, and `format_whitelist` limits demuxing to MPEG-TS and MP4/fMP4.
+//! ffmpeg never opens a URL, and `format_whitelist` limits demuxing to MPEG-TS and MP4/fMP4;
+//! no stream-info probe runs (it would decode the segment's first frames a second time).
 //! It decodes no more than sampling needs: whole GOPs that hold no sample target are never
 //! sent to the decoder, a GOP stops being fed once its remaining frames are not wanted (for a
 //! segment's last GOP: once the next target lies past its latest frame), non-reference frames
