@@ -410,7 +410,8 @@ impl SegmentDecoder {
 /// at `deadline`.
 fn open_segment(bytes: Vec<u8>, deadline: Instant) -> Result<format::context::Input, DecodeError> {
     let unreadable = |e: ffmpeg::Error| DecodeError::Unreadable(e.to_string());
-    let mut io = format::context::StreamIo::from_read_seek(Cursor::new(bytes)).map_err(unreadable)?;
+    let mut io =
+        format::context::StreamIo::from_read_seek(Cursor::new(bytes)).map_err(unreadable)?;
     let mut options = Dictionary::new();
     options.set("format_whitelist", DEMUXERS);
     let interrupt = ffmpeg::util::interrupt::new(Box::new(move || Instant::now() > deadline));
@@ -427,8 +428,12 @@ fn open_segment(bytes: Vec<u8>, deadline: Instant) -> Result<format::context::In
         (*ctx).pb = io.as_mut_ptr();
         (*ctx).flags |= ffmpeg::ffi::AVFMT_FLAG_CUSTOM_IO;
         let mut opts = options.disown();
-        let opened =
-            ffmpeg::ffi::avformat_open_input(&mut ctx, std::ptr::null(), std::ptr::null(), &mut opts);
+        let opened = ffmpeg::ffi::avformat_open_input(
+            &mut ctx,
+            std::ptr::null(),
+            std::ptr::null(),
+            &mut opts,
+        );
         Dictionary::own(opts);
         if opened < 0 {
             return Err(unreadable(ffmpeg::Error::from(opened)));
