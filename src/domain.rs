@@ -366,6 +366,86 @@ impl Fps {
     }
 }
 
+/// A job's change gate (`start`'s `gate`): a sampled picture goes to the model only when
+/// at least `threshold` of it changed since the last one sent, or `max_interval_s` of media
+/// time has passed since then.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ChangeGate {
+    pub threshold: f64,
+    pub max_interval_s: f64,
+}
+
+impl ChangeGate {
+    /// `mode` must be `change`; `threshold` a share of the picture in (0, 1];
+    /// `max_interval_s` from 1 to 86400.
+    pub fn parse(
+        mode: &str,
+        threshold: Option<f64>,
+        max_interval_s: Option<f64>,
+        default_threshold: f64,
+        default_max_interval_s: f64,
+    ) -> Result<Self, Invalid> {
+        if mode != "change" {
+            return Err(Invalid::new(
+                "gate.mode",
+                format!("gate.mode {mode:?} is not known; the one mode is \"change\""),
+            ));
+        }
+        let threshold = threshold.unwrap_or(default_threshold);
+        if !(threshold.is_finite() && threshold > 0.0 && threshold <= 1.0) {
+            return Err(Invalid::new(
+                "gate.threshold",
+                "gate.threshold must be a share of the picture above 0 and at most 1 (0.01 = 1%)",
+            ));
+        }
+        let max_interval_s = max_interval_s.unwrap_or(default_max_interval_s);
+        if !(max_interval_s.is_finite() && (1.0..=86_400.0).contains(&max_interval_s)) {
+            return Err(Invalid::new(
+                "gate.max_interval_s",
+                "gate.max_interval_s must be from 1 to 86400 seconds",
+            ));
+        }
+        Ok(Self {
+            threshold,
+            max_interval_s,
+        })
+    }
+}
+
+/// A job's clips (`start`'s `clip`): `frames` consecutive samples asked about in one
+/// request, a clip starting every `stride_s` media seconds (default: back to back).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Clip {
+    pub frames: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stride_s: Option<f64>,
+}
+
+impl Clip {
+    pub const MAX_FRAMES: u32 = 32;
+
+    /// `frames` from 2 to [`Clip::MAX_FRAMES`]; `stride_s` at least the clip's own length at
+    /// `fps` (clips do not overlap) and at most an hour.
+    pub fn parse(frames: u32, stride_s: Option<f64>, fps: Fps) -> Result<Self, Invalid> {
+        if !(2..=Self::MAX_FRAMES).contains(&frames) {
+            return Err(Invalid::new(
+                "clip.frames",
+                format!("clip.frames must be from 2 to {}", Self::MAX_FRAMES),
+            ));
+        }
+        if let Some(stride) = stride_s {
+            let length = f64::from(frames) * fps.interval_ms() / 1000.0;
+            if !(stride.is_finite() && stride + 1e-9 >= length && stride <= 3600.0) {
+                return Err(Invalid::new(
+                    "clip.stride_s",
+                    format!("clip.stride_s must be from the clip's length ({length} s: {frames} frames at {} fps) to 3600 seconds", fps.get()),
+                ));
+            }
+        }
+        Ok(Self { frames, stride_s })
+    }
+}
+
 /// A prompt's text: not blank, at most `max_bytes` of UTF-8.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PromptText(String);

@@ -79,6 +79,8 @@ counters!(
     results_stream_failures,
     alert_calls,
     alert_unparseable,
+    frames_gated,
+    model_calls_saved,
 );
 
 impl Stats {

@@ -11,8 +11,8 @@ use super::AppState;
 use crate::answers::structured::ResponseFormat;
 use crate::answers::Output;
 use crate::domain::{
-    FileLocation, Fps, Invalid, JobId, JobStatus, Priority, PromptText, Source, SourceType,
-    StreamRef,
+    ChangeGate, Clip, FileLocation, Fps, Invalid, JobId, JobStatus, Priority, PromptText, Source,
+    SourceType, StreamRef,
 };
 use crate::jobs::{StartError, StartJob};
 use crate::store::{CancelOutcome, JobRecord, PromptVersion, ResultRecord};
@@ -49,6 +49,38 @@ pub struct StartRequest {
     /// How long this job's results and evidence frames are kept, instead of
     /// RESULTS_RETENTION and EVIDENCE_RETENTION.
     pub retention: Option<RetentionRequest>,
+    /// Change gating (video sources): a sampled picture goes to the model only when it
+    /// changed enough since the last one sent; the others get a result repeating that answer
+    /// (`repeats_seq`). Off when absent.
+    pub gate: Option<GateRequest>,
+    /// Ask about several consecutive samples at once (video sources): one request with
+    /// `frames` images in time order; the result covers `pts_ms` to `pts_end_ms`.
+    pub clip: Option<ClipRequest>,
+}
+
+/// `start`'s `gate`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GateRequest {
+    /// `change`, the one mode.
+    #[schema(example = "change")]
+    pub mode: String,
+    /// Share of the picture (above 0, at most 1) that must change, after matching overall
+    /// brightness, for the model to see it (default 0.003: see README, "Change gating").
+    pub threshold: Option<f64>,
+    /// A picture is sent at least this often, changed or not, in media seconds (default 30).
+    pub max_interval_s: Option<f64>,
+}
+
+/// `start`'s `clip`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClipRequest {
+    /// Consecutive samples per request, 2 to 32 (and at most what the model takes).
+    pub frames: u32,
+    /// Media seconds from one clip's start to the next (default: the clip's own length,
+    /// frames / fps, so clips tile the stream); longer leaves samples out between clips.
+    pub stride_s: Option<f64>,
 }
 
 /// A job's own retention: durations such as `7d`, `24h`, `90m`, or `off` (kept for ever).
@@ -206,6 +238,14 @@ pub struct JobView {
     pub owner: Option<String>,
     /// Where the job's events are sent (its own webhook, WEBHOOK_URL) and how delivery goes.
     pub webhooks: Vec<WebhookStatus>,
+    /// The job's change gate, with its defaults filled in (absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub gate: Option<ChangeGate>,
+    /// The job's clips (absent: one frame per request).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub clip: Option<Clip>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -241,6 +281,15 @@ pub struct ResultView {
     /// from its RTCP sender reports. Absent where the source does not say.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub captured_at: Option<f64>,
+    /// A clip's result: presentation time of its last frame (`pts_ms` is its first's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pts_end_ms: Option<i64>,
+    /// A gated result: the picture had not changed enough since the one(s) of result
+    /// `repeats_seq` for the model to be asked again; `output` (or `error`) and `alerts` are
+    /// that result's. Absent when the model answered this frame. A sampled frame with no
+    /// result at all was not seen (dropped from a full live queue: stats.frames_dropped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repeats_seq: Option<i64>,
     /// Milliseconds spent per phase: queue, preprocess, inference, total.
     #[schema(value_type = Object)]
     pub latency_ms: Value,
@@ -350,6 +399,34 @@ impl StartRequest {
             .map(|a| super::alerts::parse_rules(a, settings))
             .transpose()?;
         let fps = Fps::parse(self.fps.unwrap_or(settings.default_fps))?;
+        let video = !matches!(
+            stream_ref.source(),
+            Source::Redis { .. } | Source::Replay { .. }
+        );
+        let gate = self
+            .gate
+            .map(|g| {
+                ChangeGate::parse(
+                    &g.mode,
+                    g.threshold,
+                    g.max_interval_s,
+                    crate::media::gate::DEFAULT_THRESHOLD,
+                    crate::media::gate::DEFAULT_MAX_INTERVAL_S,
+                )
+            })
+            .transpose()?;
+        let clip = self
+            .clip
+            .map(|c| Clip::parse(c.frames, c.stride_s, fps))
+            .transpose()?;
+        for (param, set) in [("gate", gate.is_some()), ("clip", clip.is_some())] {
+            if set && !video {
+                return Err(Invalid::new(
+                    param,
+                    format!("{param} works on video sources (HLS, RTSP, files); Redis frames are asked about one by one"),
+                ));
+            }
+        }
         let job_id = self.job_id.as_deref().map(JobId::parse).transpose()?;
         let model = match self.model {
             Some(m) if m.trim().is_empty() || m.len() > 256 => {
@@ -373,8 +450,34 @@ impl StartRequest {
                 .map(RetentionRequest::parse)
                 .transpose()?
                 .unwrap_or_default(),
+            gate,
+            clip,
         })
     }
+}
+
+/// Refuses a clip longer than the job's model takes in one request.
+fn check_clip(state: &AppState, req: &StartJob) -> Result<(), Invalid> {
+    let (Some(clip), Some(backend)) = (req.clip, state.models.backend()) else {
+        return Ok(());
+    };
+    let model = req
+        .model
+        .clone()
+        .unwrap_or_else(|| state.models.default_name().to_owned());
+    let max = backend.max_images(&model);
+    if clip.frames as usize > max {
+        return Err(Invalid::new(
+            "clip.frames",
+            format!(
+                "model {model} takes at most {max} image{} per request; clip.frames={} asks for more{}",
+                if max == 1 { "" } else { "s" },
+                clip.frames,
+                if max == 1 { "" } else { " (OPENAI_MAX_IMAGES)" },
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Each webhook endpoint of `job` with its delivery counts (one query, only when it has one).
@@ -463,6 +566,8 @@ pub(super) async fn job_view(
         stats,
         owner: job.owner,
         webhooks,
+        gate: job.gate,
+        clip: job.clip,
     })
 }
 
@@ -489,6 +594,8 @@ pub(super) fn result_view(job_id: &str, r: &ResultRecord, frames_from: i64) -> R
         batch_size: r.batch_size,
         created_at: r.created_at,
         captured_at: r.captured_at,
+        pts_end_ms: r.pts_end_ms,
+        repeats_seq: r.repeats_seq,
         latency_ms: r.latency.clone(),
     }
 }
@@ -509,6 +616,7 @@ pub async fn start(
     Json(body): Json<StartRequest>,
 ) -> Result<(StatusCode, Json<StartResponse>), ApiError> {
     let req = body.into_job(&state)?;
+    check_clip(&state, &req)?;
     admit(&state, req, "Inference job started").await
 }
 
@@ -607,6 +715,8 @@ pub async fn replay(
         from_beginning: true,
         webhook: None,
         retention: Default::default(),
+        gate: None,
+        clip: None,
     };
     admit(&state, req, "Replay job started").await
 }

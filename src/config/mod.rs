@@ -71,6 +71,8 @@ pub struct OpenAiSettings {
     pub temperature: f64,
     /// Longest side of the frames sent; 0 sends them as decoded.
     pub frame_max_side: u32,
+    /// Most images one request may carry (a clip's frames).
+    pub max_images: u32,
     pub jpeg_quality: u8,
 }
 

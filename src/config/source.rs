@@ -315,6 +315,11 @@ impl Source {
                     "0 or pixels from 16 to 16384",
                     |v: &u32| *v == 0 || (16..=16384).contains(v),
                 )?,
+                max_images: self.ranged(
+                    "OPENAI_MAX_IMAGES",
+                    "a whole number from 1 to 32",
+                    |v: &u32| (1..=32).contains(v),
+                )?,
                 jpeg_quality: self.ranged(
                     "JPEG_QUALITY",
                     "a whole number from 1 to 100",

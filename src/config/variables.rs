@@ -41,6 +41,7 @@ variables! {
     "OPENAI_MAX_TOKENS" = "256" : "max_tokens sent with each request.";
     "OPENAI_TEMPERATURE" = "0" : "temperature sent with each request (0 is greedy).";
     "FRAME_MAX_SIDE" = "768" : "Frames sent to an OpenAI-compatible server are scaled down so neither side exceeds this many pixels (0 = as decoded).";
+    "OPENAI_MAX_IMAGES" = "8" : "Most images one request to the OpenAI-compatible server may carry: the longest clip (start's clip.frames) a job may ask for. Match the server's own limit (vLLM: --limit-mm-per-prompt).";
     "JPEG_QUALITY" = "85" : "JPEG quality (1-100) of frames sent to an OpenAI-compatible server.";
     "DEFAULT_FPS" = "2.0" : "Frames sampled per second of media when a job gives no fps (0.1 to 60).";
     "MAX_BATCH_SIZE" = "8" : "Largest batch of frames sent to the model at once.";

@@ -13,7 +13,7 @@ use super::dispatch::Work;
 use super::pipeline::{source_ended, Outcome, Pending, Pipeline, Progress};
 use crate::batch::{LaneHandle, WhenFull};
 use crate::ingest::rtsp::{RtspEvent, RtspSource, WallClock};
-use crate::media::decode::{DecodeError, DecodeState};
+use crate::media::decode::{DecodeError, DecodeState, Sampled};
 use crate::media::sampler::Sampler;
 use crate::media::units::{Unit, UnitDecoder, UnitParams};
 use crate::stats::Stats;
@@ -44,9 +44,7 @@ impl Pipeline {
                 self.evidence,
             )),
             decode: progress.decode.unwrap_or_default(),
-            sampler: progress
-                .sampler
-                .unwrap_or_else(|| Sampler::new(self.job.fps)),
+            sampler: progress.sampler.unwrap_or_else(|| self.new_sampler()),
             params: None,
             units: Vec::new(),
             bytes: 0,
@@ -106,8 +104,18 @@ impl Pipeline {
             };
             match state.decode(params, units, next, discontinuity).await {
                 Ok(Some(mut out)) => {
-                    for frame in out.frames.iter_mut().flatten() {
-                        frame.captured_at = dating.map(|c| c.at(frame.pts_ms));
+                    for sampled in &mut out.frames {
+                        match sampled {
+                            Sampled::Frame { frame, .. } => {
+                                frame.captured_at = dating.map(|c| c.at(frame.pts_ms));
+                            }
+                            Sampled::Unchanged {
+                                pts_ms,
+                                captured_at,
+                                ..
+                            } => *captured_at = dating.map(|c| c.at(*pts_ms)),
+                            Sampled::Unusable(_) => {}
+                        }
                     }
                     if !self.deliver(out, lane, &pending, &stop).await {
                         break;
@@ -118,7 +126,7 @@ impl Pipeline {
                         rtsp_next_ms: next.map(|n| n + 1),
                         ..Progress::default()
                     };
-                    if pending.send(Pending::Checkpoint(checkpoint)).await.is_err() {
+                    if !self.checkpoint(checkpoint, &pending).await {
                         break;
                     }
                 }

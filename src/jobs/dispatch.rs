@@ -22,10 +22,10 @@ use crate::media::Frame;
 use crate::store::{AlertSetVersion, PromptVersion, Store};
 use crate::vlm::{Backend, InferOutput, InferRequest};
 
-/// One sampled frame waiting for the model.
+/// One sampled frame (or a clip's frames, in time order) waiting for the model.
 pub struct Work {
     pub job_id: JobId,
-    pub frame: Arc<Frame>,
+    pub frames: Vec<Arc<Frame>>,
     pub reply: oneshot::Sender<Done>,
     /// The job's pipeline token: cancelled when it stops.
     pub stop: tokio_util::sync::CancellationToken,
@@ -211,14 +211,14 @@ impl Dispatch {
             match &asking[&q.item.job_id] {
                 Ok(a) => {
                     requests.push(InferRequest {
-                        frame: q.item.frame.clone(),
+                        frames: q.item.frames.clone(),
                         prompt: a.prompt.prompt.clone(),
                         response_format: a.format.as_ref().map(ResponseFormat::shared_schema),
                         stop: q.item.stop.clone(),
                     });
                     for rule in a.alerts.iter().flat_map(|s| &s.rules) {
                         requests.push(InferRequest {
-                            frame: q.item.frame.clone(),
+                            frames: q.item.frames.clone(),
                             prompt: rule.prompt(),
                             response_format: None,
                             stop: q.item.stop.clone(),

@@ -22,7 +22,7 @@ const END: Position = Position::MAX;
 enum Piece {
     Decoded {
         out: SegmentOutcome,
-        progress: Progress,
+        progress: Box<Progress>,
     },
     Failed(String),
 }
@@ -46,9 +46,7 @@ impl Pipeline {
             return Outcome::Completed;
         }
         let mut st = progress.decode.unwrap_or_default();
-        let mut sm = progress
-            .sampler
-            .unwrap_or_else(|| Sampler::new(self.job.fps));
+        let mut sm = progress.sampler.unwrap_or_else(|| self.new_sampler());
         // The reader, opened here (an HTTP file's first request says its size); what stopped
         // an HTTP read is kept for the job's error, since ffmpeg only sees "I/O error".
         let (open, failure): (
@@ -119,7 +117,7 @@ impl Pipeline {
                 let piece = match decoder.next(&mut st, &mut sm) {
                     Ok(Some((out, next))) => Piece::Decoded {
                         out,
-                        progress: progress_after(&st, &sm, next),
+                        progress: Box::new(progress_after(&st, &sm, next)),
                     },
                     Ok(None) => return,
                     Err(e) => Piece::Failed(e.to_string()),
@@ -139,7 +137,7 @@ impl Pipeline {
                     if !self.deliver(out, lane, &pending, &stop).await {
                         break;
                     }
-                    if pending.send(Pending::Checkpoint(progress)).await.is_err() {
+                    if !self.checkpoint(*progress, &pending).await {
                         break;
                     }
                 }

@@ -51,6 +51,8 @@ pub struct StartJob {
     /// Where the job's events are also sent.
     pub webhook: Option<crate::webhook::Webhook>,
     pub retention: crate::store::JobRetention,
+    pub gate: Option<crate::domain::ChangeGate>,
+    pub clip: Option<crate::domain::Clip>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +176,8 @@ impl JobManager {
             alerts: req.alerts,
             webhook: req.webhook,
             retention: req.retention,
+            gate: req.gate,
+            clip: req.clip,
         };
         let limit = self.inner.settings.max_active_jobs;
         let job = match self.inner.store.create_job(&new, limit).await {
@@ -534,6 +538,7 @@ impl Inner {
             batcher,
             fetcher: self.fetcher.clone(),
             cancel,
+            gathering: Default::default(),
         };
         match pipeline.run().await {
             Outcome::Completed => {

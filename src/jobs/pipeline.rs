@@ -29,8 +29,9 @@ use crate::ingest::hls::fetch::Fetcher;
 use crate::ingest::hls::{HlsEvent, HlsLimits, HlsSource};
 use crate::ingest::redis::{Acker, RedisSource, RedisSourceConfig};
 use crate::media::decode::{
-    DecodeError, DecodeLimits, DecodeState, SegmentBytes, SegmentDecoder, SegmentOutcome,
+    DecodeError, DecodeLimits, DecodeState, Sampled, SegmentBytes, SegmentDecoder, SegmentOutcome,
 };
+use crate::media::gate::GateSpec;
 use crate::media::sampler::Sampler;
 use crate::media::shape::Shaper;
 use crate::media::{EvidenceSpec, Frame, FrameSpec, Still};
@@ -106,9 +107,17 @@ impl Whence {
 pub(super) enum Pending {
     Frame {
         pts_ms: i64,
+        /// A clip's last frame.
+        pts_end_ms: Option<i64>,
         captured_at: Option<f64>,
         reply: oneshot::Receiver<Done>,
         from: Whence,
+    },
+    /// A picture (or clip) the change gate held back: its result repeats the newest answer.
+    Repeat {
+        pts_ms: i64,
+        pts_end_ms: Option<i64>,
+        captured_at: Option<f64>,
     },
     /// Acknowledge a Redis entry that produced no frame (skipped by the sampler, invalid).
     Ack(String),
@@ -135,6 +144,20 @@ pub struct Pipeline {
     pub batcher: Arc<Batcher<Work>>,
     pub fetcher: Fetcher,
     pub cancel: CancellationToken,
+    /// The clip being gathered (clip jobs).
+    pub gathering: std::sync::Mutex<Gathering>,
+}
+
+/// A clip job's samples since its last clip was sent: its frames, the slots they fill
+/// (a sample that could not be shaped fills one too), whether any changed, and the first
+/// sample's time.
+#[derive(Default)]
+pub struct Gathering {
+    frames: Vec<Frame>,
+    slots: u32,
+    changed: bool,
+    first: Option<(i64, Option<f64>)>,
+    unusable: Option<String>,
 }
 
 impl Pipeline {
@@ -245,9 +268,7 @@ impl Pipeline {
         let (tx, mut rx) = mpsc::channel(1);
         let source_task = tokio::spawn(source.run(tx, self.stats.clone(), stop.clone()));
         let mut decode = progress.decode.unwrap_or_default();
-        let mut sampler = progress
-            .sampler
-            .unwrap_or_else(|| Sampler::new(self.job.fps));
+        let mut sampler = progress.sampler.unwrap_or_else(|| self.new_sampler());
         let mut decoder =
             Some(SegmentDecoder::new(self.decode_limits(), self.spec).with_evidence(self.evidence));
         let mut failure = None;
@@ -305,7 +326,7 @@ impl Pipeline {
                                 sampler: Some(sampler.clone()),
                                 ..Progress::default()
                             };
-                            if pending.send(Pending::Checkpoint(checkpoint)).await.is_err() {
+                            if !self.checkpoint(checkpoint, &pending).await {
                                 break;
                             }
                         }
@@ -353,13 +374,39 @@ impl Pipeline {
         if out.timed_out {
             Stats::add(&self.stats.segments_timed_out, 1);
         }
-        for shaped in out.frames {
-            let sent = match shaped {
-                Ok(frame) => self.submit(lane, frame, Whence::Media, pending, stop).await,
-                Err(unshaped) => {
-                    tracing::warn!(job_id = %self.job_id, pts_ms = unshaped.pts_ms, why = %unshaped.why, "sampled frame not usable");
-                    self.refuse(unshaped.pts_ms, unshaped.why, Whence::Media, pending)
+        for sampled in out.frames {
+            let sent = match (sampled, self.job.clip) {
+                (Sampled::Frame { frame, .. }, None) => {
+                    self.submit(lane, vec![frame], Whence::Media, pending, stop)
                         .await
+                }
+                (Sampled::Frame { frame, change }, Some(clip)) => {
+                    let slot = Slot::Frame(frame, change.sends());
+                    self.gather(slot, clip.frames, lane, pending, stop).await
+                }
+                (
+                    Sampled::Unchanged {
+                        pts_ms,
+                        captured_at,
+                        ..
+                    },
+                    _,
+                ) => {
+                    Stats::add(&self.stats.frames_gated, 1);
+                    self.repeat(pts_ms, None, captured_at, pending).await
+                }
+                (Sampled::Unusable(unshaped), clip) => {
+                    tracing::warn!(job_id = %self.job_id, pts_ms = unshaped.pts_ms, why = %unshaped.why, "sampled frame not usable");
+                    match clip {
+                        None => {
+                            self.refuse(unshaped.pts_ms, unshaped.why, Whence::Media, pending)
+                                .await
+                        }
+                        Some(clip) => {
+                            self.gather(Slot::Unusable(unshaped), clip.frames, lane, pending, stop)
+                                .await
+                        }
+                    }
                 }
             };
             if !sent {
@@ -367,6 +414,103 @@ impl Pipeline {
             }
         }
         true
+    }
+
+    /// A sampler for a job starting afresh: the job's fps, clips and change gate.
+    pub(super) fn new_sampler(&self) -> Sampler {
+        let mut sampler = Sampler::new(self.job.fps);
+        if let Some(clip) = self.job.clip {
+            sampler = sampler.with_clips(clip.frames, clip.stride_s.map(|s| s * 1000.0));
+        }
+        if let Some(gate) = self.job.gate {
+            sampler = sampler.with_gate(GateSpec {
+                threshold: gate.threshold,
+                max_interval_s: gate.max_interval_s,
+            });
+        }
+        sampler
+    }
+
+    /// Saves `progress` once everything before it is stored, unless a clip is being gathered
+    /// there (a resumed job could not gather it again: it waits for a checkpoint between
+    /// clips). False once the writer is gone.
+    pub(super) async fn checkpoint(
+        &self,
+        progress: Progress,
+        pending: &mpsc::Sender<Pending>,
+    ) -> bool {
+        if progress.sampler.as_ref().is_some_and(Sampler::in_clip) {
+            return true;
+        }
+        pending.send(Pending::Checkpoint(progress)).await.is_ok()
+    }
+
+    /// Adds a sample to the clip being gathered; a full clip goes to the model when any of
+    /// its pictures changed (or the job has no gate), else its result repeats the newest
+    /// answer. False when the job is stopping.
+    async fn gather(
+        &self,
+        slot: Slot,
+        frames: u32,
+        lane: &LaneHandle<Work>,
+        pending: &mpsc::Sender<Pending>,
+        stop: &CancellationToken,
+    ) -> bool {
+        let full = {
+            let mut g = self
+                .gathering
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match slot {
+                Slot::Frame(frame, changed) => {
+                    g.first.get_or_insert((frame.pts_ms, frame.captured_at));
+                    g.changed |= changed;
+                    g.frames.push(frame);
+                }
+                Slot::Unusable(u) => {
+                    g.first.get_or_insert((u.pts_ms, None));
+                    g.unusable = Some(u.why);
+                }
+            }
+            g.slots += 1;
+            (g.slots >= frames).then(|| std::mem::take(&mut *g))
+        };
+        let Some(clip) = full else { return true };
+        let (pts_ms, captured_at) = clip.first.unwrap_or_default();
+        if clip.frames.is_empty() {
+            let why = format!(
+                "no picture of this clip could be used: {}",
+                clip.unusable.unwrap_or_default()
+            );
+            return self.refuse(pts_ms, why, Whence::Media, pending).await;
+        }
+        if clip.changed || self.job.gate.is_none() {
+            return self
+                .submit(lane, clip.frames, Whence::Media, pending, stop)
+                .await;
+        }
+        Stats::add(&self.stats.frames_gated, clip.frames.len() as u64);
+        let end = clip.frames.last().map(|f| f.pts_ms);
+        self.repeat(pts_ms, end, captured_at, pending).await
+    }
+
+    /// Tells the writer a gated picture (or clip) is in its place in the order; false once
+    /// the writer is gone.
+    async fn repeat(
+        &self,
+        pts_ms: i64,
+        pts_end_ms: Option<i64>,
+        captured_at: Option<f64>,
+        pending: &mpsc::Sender<Pending>,
+    ) -> bool {
+        pending
+            .send(Pending::Repeat {
+                pts_ms,
+                pts_end_ms,
+                captured_at,
+            })
+            .await
+            .is_ok()
     }
 
     fn redis_source(&self, server: Url, key: String) -> Result<RedisSource, redis::RedisError> {
@@ -434,7 +578,7 @@ impl Pipeline {
                 Ok(frame) => {
                     Stats::add(&self.stats.frames_sampled, 1);
                     if !self
-                        .submit(lane, frame, Whence::Entry(entry.id), &pending, &stop)
+                        .submit(lane, vec![frame], Whence::Entry(entry.id), &pending, &stop)
                         .await
                     {
                         break;
@@ -522,7 +666,10 @@ impl Pipeline {
             };
             shaper = Some(sh);
             let sent = match frame {
-                Ok(frame) => self.submit(lane, frame, whence, &pending, &stop).await,
+                Ok(frame) => {
+                    self.submit(lane, vec![frame], whence, &pending, &stop)
+                        .await
+                }
                 Err(why) => self.refuse(pts_ms, why, whence, &pending).await,
             };
             if !sent {
@@ -547,6 +694,7 @@ impl Pipeline {
         pending
             .send(Pending::Frame {
                 pts_ms,
+                pts_end_ms: None,
                 captured_at: None,
                 reply: rx,
                 from,
@@ -555,22 +703,31 @@ impl Pipeline {
             .is_ok()
     }
 
-    /// Queues a frame for the model and tells the writer to expect its answer. A full live
-    /// lane drops its oldest frame (counted); returns false once the pipeline is stopping.
+    /// Queues a frame (or a clip's frames, in time order) for the model and tells the writer
+    /// to expect its answer. A full live lane drops its oldest work (its frames counted);
+    /// returns false once the pipeline is stopping.
     pub(super) async fn submit(
         &self,
         lane: &LaneHandle<Work>,
-        mut frame: Frame,
+        mut frames: Vec<Frame>,
         from: Whence,
         pending: &mpsc::Sender<Pending>,
         stop: &CancellationToken,
     ) -> bool {
+        let Some(first) = frames.first() else {
+            return true;
+        };
         let (tx, rx) = oneshot::channel();
-        let (pts_ms, captured_at) = (frame.pts_ms, frame.captured_at);
-        let evidence = frame.evidence.take();
+        let (pts_ms, captured_at) = (first.pts_ms, first.captured_at);
+        let pts_end_ms = (frames.len() > 1).then(|| frames[frames.len() - 1].pts_ms);
+        // A clip keeps its first picture's evidence.
+        let evidence = frames[0].evidence.take();
+        for f in &mut frames[1..] {
+            f.evidence = None;
+        }
         let work = Work {
             job_id: self.job_id.clone(),
-            frame: Arc::new(frame),
+            frames: frames.into_iter().map(Arc::new).collect(),
             reply: tx,
             stop: self.cancel.clone(),
             evidence,
@@ -579,14 +736,21 @@ impl Pipeline {
             _ = stop.cancelled() => return false,
             d = lane.push(work) => d,
         };
-        if dropped.is_some() {
-            Stats::add(&self.stats.frames_dropped, 1);
+        if let Some(dropped) = dropped {
+            Stats::add(&self.stats.frames_dropped, dropped.frames.len() as u64);
         }
         tokio::select! {
             _ = stop.cancelled() => false,
-            r = pending.send(Pending::Frame { pts_ms, captured_at, reply: rx, from }) => r.is_ok(),
+            r = pending.send(Pending::Frame { pts_ms, pts_end_ms, captured_at, reply: rx, from }) => r.is_ok(),
         }
     }
+}
+
+/// One sample for a clip being gathered.
+enum Slot {
+    /// A shaped picture and whether the gate let it through.
+    Frame(Frame, bool),
+    Unusable(crate::media::decode::Unshaped),
 }
 
 /// Stores answers in order, acknowledges Redis entries, saves progress, stats and latency
@@ -608,6 +772,9 @@ impl Writer {
     async fn run(&self, mut rx: mpsc::Receiver<Pending>, mut alerts: AlertTracker) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut exported = self.stats.snapshot();
+        // The newest answer the model gave, which gated results repeat (read from the
+        // store when not known here: after a restart, or past repeated work).
+        let mut last: Option<Answered> = None;
         loop {
             let item = tokio::select! {
                 _ = self.cancel.cancelled() => return,
@@ -618,8 +785,32 @@ impl Writer {
                 item = rx.recv() => match item { Some(i) => i, None => return },
             };
             match item {
+                Pending::Repeat {
+                    pts_ms,
+                    pts_end_ms,
+                    captured_at,
+                } => {
+                    if last.is_none() {
+                        last = self.last_answer().await;
+                    }
+                    let result =
+                        repeated(last.as_ref(), pts_ms, pts_end_ms, captured_at, &self.model);
+                    match self.append(&result, &mut alerts).await {
+                        Some(Appended::New { .. }) => {
+                            let calls =
+                                1 + result.alerts.as_ref().map_or(0, |(s, _)| s.rules.len());
+                            Stats::add(&self.stats.model_calls_saved, calls as u64);
+                            metrics::counter!("free_roam_model_calls_saved_total", "job_id" => self.job_id.to_string())
+                                .increment(calls as u64);
+                            self.stored(&result, None);
+                        }
+                        Some(Appended::Duplicate) => {}
+                        None => return,
+                    }
+                }
                 Pending::Frame {
                     pts_ms,
+                    pts_end_ms,
                     captured_at,
                     reply,
                     from,
@@ -630,7 +821,6 @@ impl Writer {
                     };
                     // An error here means the frame was dropped from a full live lane.
                     let Ok(done) = done else { continue };
-                    let failed = done.output.is_err();
                     if let Some((_, answers)) = &done.alerts {
                         Stats::add(&self.stats.alert_calls, answers.len() as u64);
                         let odd = answers.iter().filter(|a| a.answer == Verdict::Unparseable);
@@ -647,6 +837,8 @@ impl Writer {
                             _ => None,
                         },
                         pts_ms,
+                        pts_end_ms,
+                        repeats_seq: None,
                         captured_at,
                         prompt_scope: done.prompt_scope,
                         prompt_version: done.prompt_version,
@@ -661,45 +853,16 @@ impl Writer {
                         alerts: done.alerts,
                         evidence: done.evidence,
                     };
-                    // Kept to publish the events this result fires (RESULTS_STREAM only).
-                    let before = self
-                        .publish
-                        .as_ref()
-                        .and(result.alerts.as_ref())
-                        .map(|_| alerts.clone());
-                    match self.store_result(&result, &mut alerts).await {
-                        Some(Appended::New { seq, frame }) => {
-                            if let Some(stream) = &self.publish {
-                                // The events the store logged with this result: the same
-                                // transition again, from the state before it.
-                                let events = match (before, &result.alerts) {
-                                    (Some(mut before), Some((set, answers))) => {
-                                        before.apply(seq, pts_ms, &set.rules, answers)
-                                    }
-                                    _ => Vec::new(),
-                                };
-                                if !stream
-                                    .publish(self.job_id.as_str(), seq, frame, &result, &events)
-                                    .await
-                                {
-                                    Stats::add(&self.stats.results_stream_failures, 1);
-                                }
+                    match self.append(&result, &mut alerts).await {
+                        Some(Appended::New { seq, .. }) => {
+                            self.stored(&result, Some(phases));
+                            if result.batch_size > 0 {
+                                last = Some(Answered::of(seq, &result));
                             }
-                            if let Ok(mut w) = self.latency.lock() {
-                                w.push(phases);
-                            }
-                            Stats::add(
-                                if failed {
-                                    &self.stats.errors
-                                } else {
-                                    &self.stats.results
-                                },
-                                1,
-                            );
-                            self.stats.last_pts_ms.store(pts_ms, Ordering::Relaxed);
                         }
                         // Stored by an earlier run of this job: acknowledged, not counted.
-                        Some(Appended::Duplicate) => {}
+                        // What a later repeat repeats is read back from the store.
+                        Some(Appended::Duplicate) => last = None,
                         None => return,
                     }
                     if let (Some(acker), Whence::Entry(id)) = (&self.acker, from) {
@@ -720,6 +883,86 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Stores a result and publishes it with the alert events it fired (RESULTS_STREAM);
+    /// `None` when the pipeline stops first.
+    async fn append(&self, result: &NewResult, alerts: &mut AlertTracker) -> Option<Appended> {
+        // Kept to publish the events this result fires (RESULTS_STREAM only).
+        let before = self
+            .publish
+            .as_ref()
+            .and(result.alerts.as_ref())
+            .map(|_| alerts.clone());
+        let appended = self.store_result(result, alerts).await?;
+        if let (Appended::New { seq, frame }, Some(stream)) = (appended, &self.publish) {
+            // The events the store logged with this result: the same transition again,
+            // from the state before it.
+            let events = match (before, &result.alerts) {
+                (Some(mut before), Some((set, answers))) => {
+                    before.apply(seq, result.pts_ms, &set.rules, answers)
+                }
+                _ => Vec::new(),
+            };
+            if !stream
+                .publish(self.job_id.as_str(), seq, frame, result, &events)
+                .await
+            {
+                Stats::add(&self.stats.results_stream_failures, 1);
+            }
+        }
+        Some(appended)
+    }
+
+    /// Counts a stored result (and its latency, for answers the model gave).
+    fn stored(&self, result: &NewResult, phases: Option<[f64; 4]>) {
+        if let (Some(phases), Ok(mut w)) = (phases, self.latency.lock()) {
+            w.push(phases);
+        }
+        Stats::add(
+            if result.output.is_err() {
+                &self.stats.errors
+            } else {
+                &self.stats.results
+            },
+            1,
+        );
+        self.stats.last_pts_ms.store(
+            result.pts_end_ms.unwrap_or(result.pts_ms),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The newest answer the model gave this job, from the store; `None` if it has none
+    /// (or it cannot be read now: the repeat then says so).
+    async fn last_answer(&self) -> Option<Answered> {
+        let record = match self.store.last_answer(self.job_id.as_str()).await {
+            Ok(r) => r?,
+            Err(e) => {
+                tracing::warn!(job_id = %self.job_id, error = %e, "cannot read the answer a gated result repeats");
+                return None;
+            }
+        };
+        // Its alert answers move the alert state again only under the rule set they came from.
+        let version = record.alerts.first().map(|a| a.version);
+        let set = match version {
+            None => None,
+            Some(v) => match self.store.effective_alerts(&self.job_id).await {
+                Ok(Some(set)) if set.version == v => Some(Arc::new(set)),
+                _ => None,
+            },
+        };
+        Some(Answered {
+            seq: record.seq,
+            output: match (record.output, record.error) {
+                (Some(o), _) => Ok(o),
+                (None, e) => Err(e.unwrap_or_default()),
+            },
+            alerts: set.map(|s| (s, record.alerts)),
+            prompt_scope: record.prompt_scope,
+            prompt_version: record.prompt_version,
+            model: record.model,
+        })
     }
 
     /// Stores a result, retrying while the database is away; `None` if cancelled first or
@@ -796,6 +1039,72 @@ impl Writer {
             Err(e) => tracing::warn!(job_id = %self.job_id, error = %e, "cannot save job progress"),
         }
         now
+    }
+}
+
+/// The newest answer the model gave a job: what a gated result repeats.
+#[derive(Clone)]
+struct Answered {
+    seq: i64,
+    output: Result<crate::answers::Output, String>,
+    alerts: Option<(
+        Arc<crate::store::AlertSetVersion>,
+        Vec<crate::answers::alerts::AlertAnswer>,
+    )>,
+    prompt_scope: String,
+    prompt_version: i64,
+    model: String,
+}
+
+impl Answered {
+    fn of(seq: i64, r: &NewResult) -> Self {
+        Self {
+            seq,
+            output: r.output.clone(),
+            alerts: r.alerts.clone(),
+            prompt_scope: r.prompt_scope.clone(),
+            prompt_version: r.prompt_version,
+            model: r.model.clone(),
+        }
+    }
+}
+
+/// The result of a gated picture (or clip) at `pts_ms`: the answer of `last` again, with its
+/// seq in `repeats_seq`; an error when the job has no answer to repeat.
+fn repeated(
+    last: Option<&Answered>,
+    pts_ms: i64,
+    pts_end_ms: Option<i64>,
+    captured_at: Option<f64>,
+    model: &str,
+) -> NewResult {
+    let base = NewResult {
+        source_key: Whence::Media.source_key(pts_ms),
+        replay_of: None,
+        pts_ms,
+        pts_end_ms,
+        repeats_seq: None,
+        captured_at,
+        prompt_scope: String::new(),
+        prompt_version: 0,
+        model: model.to_owned(),
+        output: Err("unchanged since a picture the model gave no answer about (it was dropped from a full queue); not asked".into()),
+        batch_size: 0,
+        latency: json!(super::dispatch::Latency::default()),
+        alerts: None,
+        evidence: None,
+    };
+    match last {
+        None => base,
+        Some(a) => NewResult {
+            repeats_seq: Some(a.seq),
+            prompt_scope: a.prompt_scope.clone(),
+            prompt_version: a.prompt_version,
+            model: a.model.clone(),
+            output: a.output.clone(),
+            alerts: a.alerts.clone(),
+            ..base
+        },
     }
 }
 

@@ -37,8 +37,8 @@ impl ResultStream {
     }
 
     /// XADDs one stored result (with `frame_url` when its frame was kept, `replay_of` as
-    /// `<job_id>/<seq>` for a replay's, `captured_at` when the camera said: each empty
-    /// otherwise), then the alert events it fired
+    /// `<job_id>/<seq>` for a replay's, `captured_at` when the camera said, `pts_end_ms` for a
+    /// clip's, `repeats_seq` for a gated one's: each empty otherwise), then the alert events it fired
     /// (each an entry with `type` `alert.started` or `alert.ended` and the event as JSON in
     /// `data`); false when any could not be published (after 3 tries each).
     pub async fn publish(
@@ -73,7 +73,9 @@ impl ResultStream {
             .map(|(job, seq)| format!("{job}/{seq}"))
             .unwrap_or_default();
         let captured_at = r.captured_at.map(|t| t.to_string()).unwrap_or_default();
-        let fields: [(&str, &str); 12] = [
+        let pts_end = r.pts_end_ms.map(|t| t.to_string()).unwrap_or_default();
+        let repeats = r.repeats_seq.map(|s| s.to_string()).unwrap_or_default();
+        let fields: [(&str, &str); 14] = [
             ("type", "result"),
             ("job_id", job_id),
             ("seq", &seq),
@@ -86,6 +88,8 @@ impl ResultStream {
             ("frame_url", &frame_url),
             ("replay_of", &replay_of),
             ("captured_at", &captured_at),
+            ("pts_end_ms", &pts_end),
+            ("repeats_seq", &repeats),
         ];
         let mut published = self.add(job_id, &fields).await;
         for event in events {

@@ -22,6 +22,7 @@ use ffmpeg::{codec, format, frame, media, Dictionary, Packet};
 use ffmpeg_next as ffmpeg;
 use serde::{Deserialize, Serialize};
 
+use super::gate::{Change, Gate};
 use super::sampler::Sampler;
 use super::shape::{Shaper, Source};
 use super::timeline::Timeline;
@@ -74,11 +75,39 @@ pub struct Unshaped {
     pub why: String,
 }
 
+/// One sampled picture, as the decode thread leaves it.
+#[derive(Debug)]
+pub enum Sampled {
+    /// Shaped for the backend; `change` is what the job's gate made of it (`New` without a
+    /// gate). A clip job's unchanged pictures are shaped too: its clip may still be sent.
+    Frame { frame: Frame, change: Change },
+    /// The gate found it unchanged (`score`: the share of it that changed) since the
+    /// picture sent at `since_ms`: not shaped. `captured_at` as [`Frame::captured_at`].
+    Unchanged {
+        pts_ms: i64,
+        since_ms: i64,
+        score: f64,
+        captured_at: Option<f64>,
+    },
+    /// The shaper could not turn it into a frame (its slot gets an error result).
+    Unusable(Unshaped),
+}
+
+impl Sampled {
+    pub fn pts_ms(&self) -> i64 {
+        match self {
+            Sampled::Frame { frame, .. } => frame.pts_ms,
+            Sampled::Unchanged { pts_ms, .. } => *pts_ms,
+            Sampled::Unusable(u) => u.pts_ms,
+        }
+    }
+}
+
 /// What a segment gave.
 #[derive(Debug, Default)]
 pub struct SegmentOutcome {
-    /// Sampled frames in media-time order, each shaped for the backend or why it could not be.
-    pub frames: Vec<Result<Frame, Unshaped>>,
+    /// Sampled pictures in media-time order.
+    pub frames: Vec<Sampled>,
     pub frames_decoded: u64,
     /// Packets the demuxer or decoder refused as corrupt.
     pub corrupt: u64,
@@ -633,12 +662,37 @@ impl Sink {
             if sampler.offer(t) {
                 check_size(self.decoded.width(), self.decoded.height(), self.max_pixels)?;
                 let pts_ms = t.round() as i64;
-                out.frames.push(
-                    self.shaper
-                        .shape(&Source::video(&self.decoded), pts_ms)
-                        .map_err(|why| Unshaped { pts_ms, why }),
-                );
+                let clips = sampler.clips();
+                out.frames
+                    .push(self.sample(sampler.gate_mut(), clips, pts_ms));
             }
+        }
+    }
+}
+
+impl Sink {
+    /// The decoded picture at `pts_ms`, judged by `gate` and shaped unless the gate finds it
+    /// unchanged (in a clip job, `clips`, it is shaped anyway: its clip may still be sent).
+    fn sample(&mut self, gate: Option<&mut Gate>, clips: bool, pts_ms: i64) -> Sampled {
+        let src = Source::video(&self.decoded);
+        let change = match gate {
+            None => Change::New,
+            Some(gate) => match self.shaper.thumbnail(&src) {
+                Ok(thumb) => gate.judge(thumb, pts_ms),
+                Err(why) => return Sampled::Unusable(Unshaped { pts_ms, why }),
+            },
+        };
+        if let (Change::Unchanged { since_ms, score }, false) = (change, clips) {
+            return Sampled::Unchanged {
+                pts_ms,
+                since_ms,
+                score,
+                captured_at: None,
+            };
+        }
+        match self.shaper.shape(&src, pts_ms) {
+            Ok(frame) => Sampled::Frame { frame, change },
+            Err(why) => Sampled::Unusable(Unshaped { pts_ms, why }),
         }
     }
 }

@@ -7,10 +7,12 @@
 //! model backend asked for ([`FrameSpec`]: size, JPEG or RGB) in the same thread, with
 //! swscale and [`jpeg`] (libjpeg-turbo), so queues hold only that. [`file`] cuts a whole
 //! file (local, or read over HTTP with Range requests) into keyframe-aligned pieces that go
-//! through the same decoder.
+//! through the same decoder. [`gate`] judges whether a sampled picture changed enough since
+//! the last one the model saw (a small thumbnail made by the same scaler).
 
 pub mod decode;
 pub mod file;
+pub mod gate;
 pub mod jpeg;
 pub mod resample;
 pub mod sampler;

@@ -1,8 +1,12 @@
 //! Chooses frames by presentation time: one per `1/fps` of media time, starting at the first
-//! frame, never by frame count. Pure logic; its state is small and serialisable so a resumed
-//! job samples on the same grid.
+//! frame, never by frame count. With clips, `frames` consecutive samples make one clip and
+//! the next clip starts `stride` after the first frame of the one before. Pure logic; its
+//! state (with the job's change gate, [`super::gate`]) is small and serialisable so a resumed
+//! job samples on the same grid and compares against the same picture.
 
 use serde::{Deserialize, Serialize};
+
+use super::gate::{Gate, GateSpec};
 
 /// A frame this close before a target still counts as reaching it (timestamp rounding).
 const TOLERANCE_MS: f64 = 0.5;
@@ -12,6 +16,20 @@ pub struct Sampler {
     interval_ms: f64,
     /// Media time the next kept frame must reach; `None` until the first frame.
     next_target_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    clip: Option<ClipGrid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gate: Option<Gate>,
+}
+
+/// Where clips of `frames` samples start: every `stride_ms` from the first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct ClipGrid {
+    frames: u32,
+    stride_ms: f64,
+    /// Samples kept of the clip being gathered, and when its first was.
+    taken: u32,
+    start_ms: f64,
 }
 
 impl Sampler {
@@ -19,7 +37,43 @@ impl Sampler {
         Self {
             interval_ms: 1000.0 / fps,
             next_target_ms: None,
+            clip: None,
+            gate: None,
         }
+    }
+
+    /// Keeps clips of `frames` samples, each starting `stride_ms` after the one before
+    /// (at least the clip's own length: clips never overlap).
+    pub fn with_clips(mut self, frames: u32, stride_ms: Option<f64>) -> Self {
+        let length = f64::from(frames) * self.interval_ms;
+        self.clip = Some(ClipGrid {
+            frames: frames.max(1),
+            stride_ms: stride_ms.unwrap_or(length).max(length),
+            taken: 0,
+            start_ms: 0.0,
+        });
+        self
+    }
+
+    /// Judges every kept frame with a change gate.
+    pub fn with_gate(mut self, spec: GateSpec) -> Self {
+        self.gate = Some(Gate::new(spec));
+        self
+    }
+
+    /// The job's change gate, if it has one.
+    pub fn gate_mut(&mut self) -> Option<&mut Gate> {
+        self.gate.as_mut()
+    }
+
+    /// Whether samples are gathered into clips.
+    pub fn clips(&self) -> bool {
+        self.clip.is_some()
+    }
+
+    /// Whether a clip is being gathered (some of its samples kept, not all).
+    pub fn in_clip(&self) -> bool {
+        self.clip.as_ref().is_some_and(|c| c.taken > 0)
     }
 
     pub fn interval_ms(&self) -> f64 {
@@ -46,6 +100,19 @@ impl Sampler {
         let mut target = self.next_target_ms.unwrap_or(t_ms);
         while target <= t_ms + TOLERANCE_MS {
             target += self.interval_ms;
+        }
+        if let Some(clip) = self.clip.as_mut() {
+            if clip.taken == 0 {
+                clip.start_ms = t_ms;
+            }
+            clip.taken += 1;
+            if clip.taken == clip.frames {
+                clip.taken = 0;
+                let next = clip.start_ms + clip.stride_ms;
+                while target + TOLERANCE_MS < next {
+                    target += self.interval_ms;
+                }
+            }
         }
         self.next_target_ms = Some(target);
         true
@@ -89,6 +156,35 @@ mod tests {
     fn fractional_fps() {
         let frames = (0..300).map(|i| i as f64 * 100.0);
         assert_eq!(kept(0.1, frames), vec![0.0, 10_000.0, 20_000.0]);
+    }
+
+    #[test]
+    fn clips_gather_consecutive_samples_and_start_a_stride_apart() {
+        let frames = (0..300).map(|i| i as f64 * 100.0);
+        let mut s = Sampler::new(2.0).with_clips(3, Some(5000.0));
+        let mut kept = Vec::new();
+        for t in frames {
+            if s.offer(t) {
+                kept.push((t, s.in_clip()));
+            }
+        }
+        let times: Vec<f64> = kept.iter().map(|k| k.0).take(7).collect();
+        assert_eq!(
+            times,
+            [0.0, 500.0, 1000.0, 5000.0, 5500.0, 6000.0, 10_000.0]
+        );
+        // Open after the first and second of each clip, closed after the third.
+        assert!(kept[0].1 && kept[1].1 && !kept[2].1);
+        // Without a stride, clips follow each other on the sampling grid.
+        let mut s = Sampler::new(2.0).with_clips(3, None);
+        let tiled: Vec<f64> = (0..40)
+            .map(|i| i as f64 * 100.0)
+            .filter(|t| s.offer(*t))
+            .collect();
+        assert_eq!(
+            tiled,
+            [0.0, 500.0, 1000.0, 1500.0, 2000.0, 2500.0, 3000.0, 3500.0]
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ use ffmpeg::format::Pixel;
 use ffmpeg::frame;
 use ffmpeg_next as ffmpeg;
 
+use super::gate::{Gate, Thumb};
 use super::jpeg::{JpegEncoder, Yuv420};
 use super::resample;
 use super::{Encoding, EvidenceSpec, Frame, FrameSize, FrameSpec, Picture};
@@ -135,6 +136,9 @@ impl Sws {
         let param = [0.0f64, 0.5];
         let flags = if key.dst == Pixel::RGB24 {
             ffi::SWS_BICUBIC | ffi::SWS_ACCURATE_RND | ffi::SWS_FULL_CHR_H_INT
+        } else if key.dst == Pixel::GRAY8 {
+            // A change gate's thumbnail: each cell the mean of the pixels it covers.
+            ffi::SWS_AREA
         } else {
             ffi::SWS_BILINEAR
         };
@@ -213,6 +217,8 @@ pub struct Shaper {
     /// The evidence JPEG's own shaper (its own workspace, so the two sizes do not rebuild one
     /// swscale context in turn), when the job keeps evidence.
     evidence: Option<(EvidenceSpec, Box<Shaper>)>,
+    /// The change gate's thumbnail workspace, when the job is gated.
+    thumb: Option<Workspace>,
 }
 
 /// What shaping works in: a swscale context, the output planes, a JPEG encoder and a padded
@@ -265,6 +271,7 @@ impl Shaper {
             spec,
             work: None,
             evidence: None,
+            thumb: None,
         }
     }
 
@@ -395,10 +402,25 @@ impl Shaper {
         })
     }
 
+    /// The change gate's signature of `src`: a grey thumbnail of the size
+    /// [`Gate::thumb_size`] gives, each cell the mean of the pixels it covers.
+    pub fn thumbnail(&mut self, src: &Source<'_>) -> Result<Thumb, String> {
+        if src.width == 0 || src.height == 0 {
+            return Err("picture has no pixels".into());
+        }
+        let (w, h) = Gate::thumb_size(src.width, src.height);
+        let p = &convert(&mut self.thumb, src, Pixel::GRAY8, w, h)?.planes;
+        Ok(Thumb {
+            width: w,
+            height: h,
+            cells: packed_rows(&p.data[0], p.strides[0], w as usize, h as usize)?,
+        })
+    }
+
     /// Gives the workspace back for any job to use until this shaper shapes again (which
     /// takes one back, most likely the same). Call it when a run of frames is done.
     pub fn release(&mut self) {
-        if let Some(work) = self.work.take() {
+        for work in [self.work.take(), self.thumb.take()].into_iter().flatten() {
             work.give_back();
         }
         if let Some((_, shaper)) = self.evidence.as_mut() {
@@ -414,31 +436,43 @@ impl Shaper {
         dw: u32,
         dh: u32,
     ) -> Result<&mut Workspace, String> {
-        let key = Key {
-            src: src.format,
-            sw: src.width,
-            sh: src.height,
-            dst,
-            dw,
-            dh,
-            colorspace: src.colorspace,
-            full_range: src.full_range,
-        };
-        let ws = self.work.get_or_insert_with(|| Workspace::take(&key));
-        if ws.sws.as_ref().is_none_or(|s| s.key != key) {
-            ws.sws = None;
-            ws.sws = Some(Sws::new(key)?);
-        }
-        let (w, h) = (dw as usize, dh as usize);
-        let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
-        if dst == Pixel::RGB24 {
-            ws.planes.fit([(w * 3, h), (0, 0), (0, 0)]);
-        } else {
-            ws.planes.fit([(w, h), (cw, ch), (cw, ch)]);
-        }
-        ws.scale(src)?;
-        Ok(ws)
+        convert(&mut self.work, src, dst, dw, dh)
     }
+}
+
+/// swscale from `src` into the planes of `work` (one taken from the pool if it holds none)
+/// as `dst` at `dw` x `dh`.
+fn convert<'w>(
+    work: &'w mut Option<Workspace>,
+    src: &Source<'_>,
+    dst: Pixel,
+    dw: u32,
+    dh: u32,
+) -> Result<&'w mut Workspace, String> {
+    let key = Key {
+        src: src.format,
+        sw: src.width,
+        sh: src.height,
+        dst,
+        dw,
+        dh,
+        colorspace: src.colorspace,
+        full_range: src.full_range,
+    };
+    let ws = work.get_or_insert_with(|| Workspace::take(&key));
+    if ws.sws.as_ref().is_none_or(|s| s.key != key) {
+        ws.sws = None;
+        ws.sws = Some(Sws::new(key)?);
+    }
+    let (w, h) = (dw as usize, dh as usize);
+    let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+    match dst {
+        Pixel::RGB24 => ws.planes.fit([(w * 3, h), (0, 0), (0, 0)]),
+        Pixel::GRAY8 => ws.planes.fit([(w, h), (0, 0), (0, 0)]),
+        _ => ws.planes.fit([(w, h), (cw, ch), (cw, ch)]),
+    }
+    ws.scale(src)?;
+    Ok(ws)
 }
 
 impl Drop for Shaper {

@@ -41,8 +41,8 @@ impl Store {
             .as_ref()
             .map(|w| serde_json::to_string(w).expect("a webhook serialises"));
         sqlx::query(
-            "INSERT INTO jobs (job_id, status, stream_ref, source_type, fps, model, priority, from_beginning, created_at, webhook, results_retention_s, evidence_retention_s) \
-             VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            "INSERT INTO jobs (job_id, status, stream_ref, source_type, fps, model, priority, from_beginning, created_at, webhook, results_retention_s, evidence_retention_s, gate, clip) \
+             VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(job.job_id.as_str())
         .bind(&job.stream_ref)
@@ -55,6 +55,8 @@ impl Store {
         .bind(webhook.as_deref())
         .bind(job.retention.results_s)
         .bind(job.retention.evidence_s)
+        .bind(job.gate.map(|g| serde_json::to_string(&g).expect("a gate serialises")))
+        .bind(job.clip.map(|c| serde_json::to_string(&c).expect("a clip serialises")))
         .execute(&mut *tx)
         .await?;
         self.status_changed(

@@ -20,7 +20,7 @@ use sqlx::{AnyPool, Row};
 
 use crate::answers::alerts::{AlertAnswer, AlertRule};
 use crate::answers::Output;
-use crate::domain::{JobId, JobStatus, Priority, SourceType};
+use crate::domain::{ChangeGate, Clip, JobId, JobStatus, Priority, SourceType};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
@@ -133,6 +133,10 @@ pub struct NewJob {
     /// Where the job's events are also sent (Standard Webhooks).
     pub webhook: Option<crate::webhook::Webhook>,
     pub retention: JobRetention,
+    /// Change gating: pictures too like the last one sent are not sent.
+    pub gate: Option<ChangeGate>,
+    /// Several consecutive samples asked about at once.
+    pub clip: Option<Clip>,
 }
 
 /// A job's own retention, in seconds: `None` follows the settings, `Some(0)` keeps for ever.
@@ -169,6 +173,8 @@ pub struct JobRecord {
     pub lease_token: i64,
     /// The job's own webhook, secret included: never shown as it is.
     pub webhook: Option<crate::webhook::Webhook>,
+    pub gate: Option<ChangeGate>,
+    pub clip: Option<Clip>,
 }
 
 #[derive(Debug)]
@@ -210,6 +216,10 @@ pub struct ResultRecord {
     pub created_at: f64,
     /// The camera's wall clock when the frame was taken (Unix seconds), where it says.
     pub captured_at: Option<f64>,
+    /// A clip's result: the media time of its last frame (`pts_ms` is its first's).
+    pub pts_end_ms: Option<i64>,
+    /// A gated result: unchanged since the picture(s) of this result, whose answer it repeats.
+    pub repeats_seq: Option<i64>,
     /// The frame's answers to the job's alert questions (empty when it had none).
     pub alerts: Vec<AlertAnswer>,
     /// Whether the frame the model was asked about was kept (EVIDENCE).
@@ -230,6 +240,10 @@ pub struct NewResult {
     pub pts_ms: i64,
     /// The camera's wall clock when the frame was taken (Unix seconds), where it says.
     pub captured_at: Option<f64>,
+    /// A clip's result: the media time of its last frame.
+    pub pts_end_ms: Option<i64>,
+    /// A gated result: the seq of the result whose answer it repeats.
+    pub repeats_seq: Option<i64>,
     pub prompt_scope: String,
     pub prompt_version: i64,
     pub model: String,
@@ -262,7 +276,7 @@ macro_rules! job_columns {
             "jobs.list_seq, jobs.job_id, jobs.status, jobs.stream_ref, jobs.source_type, jobs.fps, ",
             "jobs.model, jobs.priority, jobs.from_beginning, jobs.created_at, jobs.started_at, ",
             "jobs.completed_at, jobs.frames_processed, jobs.results_count, jobs.error, jobs.stats, ",
-            "jobs.progress, jobs.latency, jobs.owner, jobs.lease_token, jobs.webhook"
+            "jobs.progress, jobs.latency, jobs.owner, jobs.lease_token, jobs.webhook, jobs.gate, jobs.clip"
         )
     };
 }
@@ -646,7 +660,22 @@ fn job_from_row(r: &AnyRow) -> Result<JobRecord, StoreError> {
         owner: r.try_get("owner")?,
         lease_token: r.try_get("lease_token")?,
         webhook: push::parse_webhook(r.try_get::<Option<String>, _>("webhook")?.as_deref())?,
+        gate: parse_json_column(r, "gate")?,
+        clip: parse_json_column(r, "clip")?,
     })
+}
+
+/// A nullable JSON column as `T`.
+fn parse_json_column<T: serde::de::DeserializeOwned>(
+    r: &AnyRow,
+    column: &str,
+) -> Result<Option<T>, StoreError> {
+    r.try_get::<Option<String>, _>(column)?
+        .map(|text| {
+            serde_json::from_str(&text)
+                .map_err(|e| StoreError::Corrupt(format!("jobs.{column}: {e}")))
+        })
+        .transpose()
 }
 
 // After `select_jobs!`, which they use (macros are in scope from their definition on).

@@ -55,8 +55,8 @@ impl Store {
             .filter(|a| !a.is_empty());
         let keeps = result.evidence.is_some() && self.evidence.keeps();
         let inserted = sqlx::query(
-            "INSERT INTO results (job_id, seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, source_key, output_format, alerts, evidence, replay_job, replay_seq, captured_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+            "INSERT INTO results (job_id, seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, source_key, output_format, alerts, evidence, replay_job, replay_seq, captured_at, pts_end_ms, repeats_seq) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
              ON CONFLICT (job_id, source_key) DO NOTHING",
         )
         .bind(job_id)
@@ -77,6 +77,8 @@ impl Store {
         .bind(result.replay_of.as_ref().map(|(j, _)| j.as_str()))
         .bind(result.replay_of.as_ref().map(|(_, s)| *s))
         .bind(result.captured_at)
+        .bind(result.pts_end_ms)
+        .bind(result.repeats_seq)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -123,6 +125,12 @@ impl Store {
         }
         if let Some(at) = result.captured_at {
             data["captured_at"] = at.into();
+        }
+        if let Some(end) = result.pts_end_ms {
+            data["pts_end_ms"] = end.into();
+        }
+        if let Some(repeats) = result.repeats_seq {
+            data["repeats_seq"] = repeats.into();
         }
         if let Some((job, seq)) = &result.replay_of {
             data["replay_of"] = serde_json::json!({"job_id": job, "seq": seq});
@@ -179,54 +187,35 @@ impl Store {
         if let Some(page) = cached {
             return Ok(page);
         }
-        let rows = sqlx::query(limited(
-            "SELECT seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, output_format, alerts, evidence, replay_job, replay_seq, captured_at \
-             FROM results WHERE job_id = $1 AND seq > $2 ORDER BY seq",
-            limit,
-        ))
-        .bind(job_id)
-        .bind(first - 1)
-        .fetch_all(&self.pool)
-        .await?;
+        let sql = format!(
+            "SELECT {RESULT_COLUMNS} FROM results WHERE job_id = $1 AND seq > $2 ORDER BY seq"
+        );
+        let rows = sqlx::query(limited(&sql, limit))
+            .bind(job_id)
+            .bind(first - 1)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| {
-                let latency: String = r.try_get(8)?;
-                let format: Option<String> = r.try_get(10)?;
-                let alerts: Option<String> = r.try_get(11)?;
-                let output: Option<String> = r.try_get(5)?;
-                let record = Arc::new(ResultRecord {
-                    seq: r.try_get(0)?,
-                    pts_ms: r.try_get(1)?,
-                    prompt_scope: r.try_get(2)?,
-                    prompt_version: r.try_get(3)?,
-                    model: r.try_get(4)?,
-                    output: output
-                        .map(|o| Output::from_stored(o, format.as_deref()))
-                        .transpose()
-                        .map_err(StoreError::Corrupt)?,
-                    alerts: alerts
-                        .map(|a| serde_json::from_str(&a))
-                        .transpose()
-                        .map_err(|e| StoreError::Corrupt(format!("alert answers: {e}")))?
-                        .unwrap_or_default(),
-                    error: r.try_get(6)?,
-                    batch_size: r.try_get(7)?,
-                    latency: serde_json::from_str(&latency)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                    created_at: r.try_get(9)?,
-                    captured_at: r.try_get(15)?,
-                    evidence: r.try_get::<i64, _>(12)? != 0,
-                    replay_of: match (r.try_get::<Option<String>, _>(13)?, r.try_get(14)?) {
-                        (Some(job), Some(seq)) => Some((job, seq)),
-                        _ => None,
-                    },
-                    encoded: Default::default(),
-                });
+                let record = Arc::new(record_from_row(r)?);
                 self.results_cache
                     .insert((job.list_seq, record.seq), record.clone());
                 Ok(record)
             })
             .collect()
+    }
+
+    /// The job's newest result the model answered (not a gated repeat, not a frame refused
+    /// before the model saw it): what a gated picture's result repeats after a restart.
+    pub async fn last_answer(&self, job_id: &str) -> Result<Option<ResultRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {RESULT_COLUMNS} FROM results WHERE job_id = $1 AND batch_size > 0 AND repeats_seq IS NULL ORDER BY seq DESC LIMIT 1"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(record_from_row).transpose()
     }
 
     /// The `latency` of a job's newest results (at most `limit`), for percentiles.
@@ -249,4 +238,43 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// The columns [`record_from_row`] reads, in its order.
+const RESULT_COLUMNS: &str = "seq, pts_ms, prompt_scope, prompt_version, model, output, error, batch_size, latency, created_at, output_format, alerts, evidence, replay_job, replay_seq, captured_at, pts_end_ms, repeats_seq";
+
+fn record_from_row(r: &sqlx::any::AnyRow) -> Result<ResultRecord, StoreError> {
+    let latency: String = r.try_get(8)?;
+    let format: Option<String> = r.try_get(10)?;
+    let alerts: Option<String> = r.try_get(11)?;
+    let output: Option<String> = r.try_get(5)?;
+    Ok(ResultRecord {
+        seq: r.try_get(0)?,
+        pts_ms: r.try_get(1)?,
+        prompt_scope: r.try_get(2)?,
+        prompt_version: r.try_get(3)?,
+        model: r.try_get(4)?,
+        output: output
+            .map(|o| Output::from_stored(o, format.as_deref()))
+            .transpose()
+            .map_err(StoreError::Corrupt)?,
+        alerts: alerts
+            .map(|a| serde_json::from_str(&a))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("alert answers: {e}")))?
+            .unwrap_or_default(),
+        error: r.try_get(6)?,
+        batch_size: r.try_get(7)?,
+        latency: serde_json::from_str(&latency).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        created_at: r.try_get(9)?,
+        captured_at: r.try_get(15)?,
+        pts_end_ms: r.try_get(16)?,
+        repeats_seq: r.try_get(17)?,
+        evidence: r.try_get::<i64, _>(12)? != 0,
+        replay_of: match (r.try_get::<Option<String>, _>(13)?, r.try_get(14)?) {
+            (Some(job), Some(seq)) => Some((job, seq)),
+            _ => None,
+        },
+        encoded: Default::default(),
+    })
 }

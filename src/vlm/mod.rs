@@ -17,10 +17,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ModelType, Settings};
 use crate::media::{Frame, FrameSpec};
 
-/// One frame and the prompt to answer about it.
+/// One frame (or a clip's frames, in time order) and the prompt to answer about it.
 #[derive(Debug, Clone)]
 pub struct InferRequest {
-    pub frame: Arc<Frame>,
+    pub frames: Vec<Arc<Frame>>,
     pub prompt: String,
     /// A JSON Schema the answer must satisfy (the prompt version's `response_format`): a
     /// backend that can constrain its output to it says so to the model; every answer is
@@ -56,6 +56,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Models held in memory now, with their weight bytes.
     fn models_loaded(&self) -> Vec<(String, u64)> {
         Vec::new()
+    }
+
+    /// The most pictures `model` takes in one request: a clip job needs this many for its
+    /// clip's frames (`start` refuses a longer clip with 422).
+    fn max_images(&self, _model: &str) -> usize {
+        1
     }
 
     /// Batches this backend can usefully run at once.

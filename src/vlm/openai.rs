@@ -1,6 +1,7 @@
 //! Backend `openai`: any OpenAI-compatible chat-completions server (vLLM, Ollama, llama.cpp
 //! server, OpenAI). One request per frame: the prompt as text and the frame as a JPEG
-//! data-URI `image_url`; a prompt's `response_format` goes as OpenAI's `json_schema`
+//! data-URI `image_url`; a clip's frames go in one request, in time order, each image after
+//! a text part giving its time offset from the first (as Frigate labels its frames); a prompt's `response_format` goes as OpenAI's `json_schema`
 //! response format. Frames arrive already encoded, at most FRAME_MAX_SIDE on their
 //! longest side (the pipeline shaped them in its decode thread); here they are only
 //! base64-encoded. Timeouts, 429 and 5xx are retried with backoff honouring
@@ -32,6 +33,7 @@ pub struct OpenAiBackend {
     temperature: f64,
     spec: FrameSpec,
     jpeg_quality: u8,
+    max_images: usize,
 }
 
 enum Attempt {
@@ -79,6 +81,7 @@ impl OpenAiBackend {
                 },
             },
             jpeg_quality: s.jpeg_quality,
+            max_images: s.max_images as usize,
         })
     }
 
@@ -92,24 +95,31 @@ impl OpenAiBackend {
     async fn one(&self, model: &str, request: InferRequest) -> InferOutput {
         let started = Instant::now();
         // Frames come shaped as JPEG; anything else (never in a pipeline) is encoded here.
-        let jpeg = match request.frame.to_jpeg(self.jpeg_quality) {
-            Ok(j) => j,
-            Err(e) => return failed(e, 0.0, 0.0),
-        };
-        let url = format!(
-            "data:image/jpeg;base64,{}",
-            base64::engine::general_purpose::STANDARD.encode(&jpeg)
-        );
+        let mut content = vec![json!({"type": "text", "text": request.prompt})];
+        let clip = request.frames.len() > 1;
+        let first_ms = request.frames.first().map_or(0, |f| f.pts_ms);
+        for (i, frame) in request.frames.iter().enumerate() {
+            let jpeg = match frame.to_jpeg(self.jpeg_quality) {
+                Ok(j) => j,
+                Err(e) => return failed(e, 0.0, 0.0),
+            };
+            if clip {
+                let offset = (frame.pts_ms - first_ms) as f64 / 1000.0;
+                content.push(json!({
+                    "type": "text",
+                    "text": format!("Frame {} of {} at +{offset:.1} s:", i + 1, request.frames.len()),
+                }));
+            }
+            let url = format!(
+                "data:image/jpeg;base64,{}",
+                base64::engine::general_purpose::STANDARD.encode(&jpeg)
+            );
+            content.push(json!({"type": "image_url", "image_url": {"url": url}}));
+        }
         let preprocess_ms = started.elapsed().as_secs_f64() * 1000.0;
         let mut body = json!({
             "model": model,
-            "messages": [{
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": request.prompt},
-                    {"type": "image_url", "image_url": {"url": url}},
-                ],
-            }],
+            "messages": [{"role": "user", "content": content}],
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
         });
@@ -263,5 +273,9 @@ impl Backend for OpenAiBackend {
 
     fn concurrent_batches(&self) -> usize {
         self.max_concurrency.max(1)
+    }
+
+    fn max_images(&self, _model: &str) -> usize {
+        self.max_images
     }
 }

@@ -134,8 +134,6 @@ fn make_hls_lit(
     pix_fmt: &str,
     lum: &str,
 ) -> PathBuf {
-    let out = dir.join(name);
-    std::fs::create_dir_all(&out).unwrap();
     let range = if pix_fmt.starts_with("yuvj") {
         "full"
     } else {
@@ -145,7 +143,24 @@ fn make_hls_lit(
         "color=c=black:s={width}x{height}:r=30:d={seconds},geq=lum='{lum}':cb=128:cr=128,\
          format=yuv444p,scale=out_range={range},format={pix_fmt}"
     );
-    let mut cmd = x264_from_lavfi(&filter, pix_fmt);
+    make_hls_filtered(dir, name, &filter, pix_fmt, container, segment_s, &[])
+}
+
+/// An HLS VOD under `dir/name/` of what the lavfi `filter` graph draws, encoded as every
+/// test clip is (plus `x264` arguments such as `-crf 35`).
+pub fn make_hls_filtered(
+    dir: &Path,
+    name: &str,
+    filter: &str,
+    pix_fmt: &str,
+    container: Container,
+    segment_s: f64,
+    x264: &[&str],
+) -> PathBuf {
+    let out = dir.join(name);
+    std::fs::create_dir_all(&out).unwrap();
+    let mut cmd = x264_from_lavfi(filter, pix_fmt);
+    cmd.args(x264);
     cmd.current_dir(&out)
         .args(if container == Container::TsOpenGop {
             &["-x264-params", "open-gop=1"][..]
@@ -456,6 +471,10 @@ pub struct Asked {
     pub jpeg: Vec<u8>,
     /// The request's `response_format`, if any.
     pub response_format: Option<Value>,
+    /// Every image of the request in order (several for a clip): its mean brightness.
+    pub brightness: Vec<f64>,
+    /// The text parts between the images (a clip's frame labels).
+    pub labels: Vec<String>,
 }
 
 #[derive(Default)]
@@ -543,25 +562,41 @@ async fn complete(State(state): State<Arc<ModelState>>, Json(body): Json<Value>)
         )
             .into_response();
     }
-    let url = content[1]["image_url"]["url"].as_str().unwrap_or_default();
-    let b64 = url
-        .strip_prefix("data:image/jpeg;base64,")
-        .expect("a JPEG data URI");
-    let jpeg = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .unwrap();
-    let img = image::load_from_memory(&jpeg)
-        .expect("a decodable JPEG")
-        .to_rgb8();
-    let raw = img.as_raw();
-    let brightness = raw.iter().map(|&b| f64::from(b)).sum::<f64>() / raw.len() as f64;
+    let mut images = Vec::new();
+    let mut labels = Vec::new();
+    for part in content.as_array().into_iter().flatten().skip(1) {
+        match part["image_url"]["url"].as_str() {
+            Some(url) => {
+                let b64 = url
+                    .strip_prefix("data:image/jpeg;base64,")
+                    .expect("a JPEG data URI");
+                let jpeg = base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap();
+                let img = image::load_from_memory(&jpeg)
+                    .expect("a decodable JPEG")
+                    .to_rgb8();
+                images.push((jpeg, img));
+            }
+            None => labels.push(part["text"].as_str().unwrap_or_default().to_owned()),
+        }
+    }
+    let mean = |img: &image::RgbImage| {
+        let raw = img.as_raw();
+        raw.iter().map(|&b| f64::from(b)).sum::<f64>() / raw.len() as f64
+    };
+    let all: Vec<f64> = images.iter().map(|(_, img)| mean(img)).collect();
+    let (jpeg, img) = images.into_iter().next().expect("an image in the request");
+    let brightness = all[0];
     state.asked.lock().unwrap().push(Asked {
         model: body["model"].as_str().unwrap_or_default().to_owned(),
         prompt: prompt.clone(),
         width: img.width(),
         height: img.height(),
-        jpeg: jpeg.clone(),
+        jpeg,
         response_format: body.get("response_format").cloned(),
+        brightness: all.clone(),
+        labels,
     });
     let answer = match prompt.strip_suffix(YES_NO) {
         // An alert question: answered from the picture when it asks about brightness, and
@@ -570,6 +605,9 @@ async fn complete(State(state): State<Arc<ModelState>>, Json(body): Json<Value>)
             if brightness > 128.0 { "Yes." } else { "No" }.to_owned()
         }
         Some(_) => "I cannot tell".to_owned(),
+        None if all.len() > 1 => {
+            json!({"prompt": prompt, "brightness": brightness, "clip": all}).to_string()
+        }
         None => json!({"prompt": prompt, "brightness": brightness}).to_string(),
     };
     Json(json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]}))

@@ -288,6 +288,8 @@ async fn results_poll_never_misses_or_repeats(db: Db) {
             let result = NewResult {
                 source_key: format!("pts:{}", n * 500),
                 pts_ms: n * 500,
+                pts_end_ms: None,
+                repeats_seq: None,
                 captured_at: None,
                 prompt_scope: "global".into(),
                 prompt_version: 1,

@@ -12,6 +12,7 @@ mod errors;
 mod evidence;
 mod files;
 mod frames;
+mod gating;
 mod health;
 mod jobs;
 mod lifecycle;

@@ -252,3 +252,25 @@ async fn an_unreachable_hub_says_how_to_supply_the_model() {
     let why = reasons(&app, "cannot fetch MODEL_ID=google/paligemma-3b-mix-224").await;
     assert!(why.contains("MODEL_PATH"), "{why}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_image_model_refuses_a_clip_job_naming_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny(dir.path(), "tiny");
+    let app = spawn(&[("MODEL_PATH", &model)]).await;
+    let r = app
+        .post(
+            "/api/v1/inference/start",
+            json!({"stream_ref": "https://example.com/live.m3u8", "clip": {"frames": 2}}),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        reqwest::StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        r.body
+    );
+    let text = r.body.to_string();
+    assert!(text.contains("at most 1 image per request"), "{text}");
+    assert!(text.contains("clip.frames"), "{text}");
+}

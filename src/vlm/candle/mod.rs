@@ -120,6 +120,14 @@ impl Engine {
         let mut outputs: Vec<Option<InferOutput>> = vec![None; batch.len()];
         let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
         for (i, r) in batch.iter().enumerate() {
+            if r.frames.len() != 1 {
+                // `start` refuses clips for one-image models; nothing else sends several.
+                outputs[i] = Some(failed(format!(
+                    "this model takes one image per request, not {}",
+                    r.frames.len()
+                )));
+                continue;
+            }
             match groups.iter_mut().find(|(p, _)| *p == r.prompt) {
                 Some((_, idx)) => idx.push(i),
                 None => groups.push((&r.prompt, vec![i])),
@@ -127,7 +135,7 @@ impl Engine {
         }
         for (prompt, idx) in groups {
             let started = Instant::now();
-            let frames: Vec<Arc<Frame>> = idx.iter().map(|&i| batch[i].frame.clone()).collect();
+            let frames: Vec<Arc<Frame>> = idx.iter().map(|&i| batch[i].frames[0].clone()).collect();
             let pixels = m.preprocess(&frames);
             let preprocess_ms = started.elapsed().as_secs_f64() * 1000.0;
             let started = Instant::now();
@@ -300,7 +308,7 @@ impl Backend for CandleBackend {
             .run(
                 &self.default,
                 vec![InferRequest {
-                    frame,
+                    frames: vec![frame],
                     prompt: "warmup".into(),
                     response_format: None,
                     stop: tokio_util::sync::CancellationToken::new(),
