@@ -113,6 +113,14 @@ enum DevTool {
     },
     /// Compare JPEG encoders on one 720p picture (a part's figure; Markdown out).
     BenchJpeg,
+    /// Change gating: the scores of still and eventful clips (where the default threshold
+    /// comes from), the gate's CPU per sample, and model calls per minute with and without a
+    /// gate through the whole service (this release binary as a child process; Markdown out).
+    BenchGate {
+        /// Where the clips are made (and reused), with the service's log and database.
+        #[arg(default_value = "target/bench-media")]
+        dir: std::path::PathBuf,
+    },
     /// Measure the CPU time of HLS ingest alone (a part) against the ffmpeg CLI, and streams at once.
     BenchIngest {
         /// Where the benchmark stream is made (and reused).
@@ -195,6 +203,18 @@ async fn run() {
                 std::process::exit(1);
             }
             println!("tiny PaliGemma written to {}", dir.display());
+            return;
+        }
+        Some(Command::Dev {
+            tool: DevTool::BenchGate { dir },
+        }) => {
+            match free_roam::devtools::bench_gate::bench_gate(dir).await {
+                Ok(md) => println!("{md}"),
+                Err(e) => {
+                    eprintln!("bench-gate: {e:#}");
+                    std::process::exit(1);
+                }
+            }
             return;
         }
         Some(Command::Dev {

@@ -168,7 +168,7 @@ async fn completions(State(m): State<Arc<ModelServer>>, body: Bytes) -> impl Int
     )
 }
 
-async fn serve(router: Router) -> anyhow::Result<SocketAddr> {
+pub(super) async fn serve(router: Router) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, router).await });
@@ -306,10 +306,16 @@ impl Service {
     }
 
     pub(super) async fn start_job(&self, stream_ref: &str) -> anyhow::Result<String> {
+        self.start_job_with(&json!({"stream_ref": stream_ref, "fps": 2.0}))
+            .await
+    }
+
+    /// Starts a job with `body` as `start` takes it; its id.
+    pub(super) async fn start_job_with(&self, body: &Value) -> anyhow::Result<String> {
         let r: Value = self
             .http
             .post(format!("{}/api/v1/inference/start", self.base))
-            .json(&json!({"stream_ref": stream_ref, "fps": 2.0}))
+            .json(body)
             .send()
             .await?
             .json()
@@ -320,7 +326,7 @@ impl Service {
             .with_context(|| format!("start refused: {r}"))
     }
 
-    async fn status(&self, job: &str) -> anyhow::Result<Value> {
+    pub(super) async fn status(&self, job: &str) -> anyhow::Result<Value> {
         Ok(self
             .http
             .get(format!("{}/api/v1/inference/status/{job}", self.base))
@@ -330,7 +336,7 @@ impl Service {
             .await?)
     }
 
-    async fn results(&self, job: &str) -> anyhow::Result<Vec<Value>> {
+    pub(super) async fn results(&self, job: &str) -> anyhow::Result<Vec<Value>> {
         let mut all = Vec::new();
         let mut after: Option<i64> = None;
         loop {
@@ -401,6 +407,11 @@ pub(super) struct Rig {
 }
 
 impl Rig {
+    /// Requests the model stand-in has answered so far.
+    pub(super) fn model_requests(&self) -> u64 {
+        self.model.requests.load(Ordering::Relaxed)
+    }
+
     /// The 60 s 720p stream made under `dir`, served as a VOD and as live streams, and the
     /// model stand-in, both on loopback in this process.
     pub(super) async fn start(dir: &Path) -> anyhow::Result<Self> {

@@ -1,7 +1,8 @@
 //! Developer tools behind `free-roam dev ...`: the benchmarks and the tiny-model maker.
 //!
 //! [`bench_service`] measures the service a user runs (the release binary, end to end) and
-//! [`bench_push`] how fast its results are pushed (SSE, webhooks);
+//! [`bench_push`] how fast its results are pushed (SSE, webhooks), [`bench_gate`] what change
+//! gating saves (model calls, through the whole service) and where its threshold comes from;
 //! the rest here measures parts: ingest alone, the in-process model alone.
 //!
 //! `free-roam dev bench-ingest` makes a 60 s 1280x720 30 fps H.264 HLS stream with the ffmpeg
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+pub mod bench_gate;
 pub mod bench_jpeg;
 pub mod bench_push;
 pub mod bench_replicas;
@@ -309,7 +311,7 @@ pub async fn bench_model(dir: &Path) -> anyhow::Result<String> {
         for _ in 0..rounds {
             let batch: Vec<InferRequest> = (0..size)
                 .map(|_| InferRequest {
-                    frame: frame.clone(),
+                    frames: vec![frame.clone()],
                     prompt: "describe the scene".into(),
                     response_format: None,
                     stop: tokio_util::sync::CancellationToken::new(),
