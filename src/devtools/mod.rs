@@ -94,7 +94,12 @@ pub(crate) fn make_stream(dir: &Path) -> anyhow::Result<Vec<(PathBuf, f64)>> {
             bail!("ffmpeg failed to make the benchmark stream");
         }
     }
-    let text = std::fs::read_to_string(&playlist)?;
+    playlist_segments(dir)
+}
+
+/// The segments `dir/index.m3u8` lists: each file and its duration in ms.
+pub(crate) fn playlist_segments(dir: &Path) -> anyhow::Result<Vec<(PathBuf, f64)>> {
+    let text = std::fs::read_to_string(dir.join("index.m3u8"))?;
     let mut out = Vec::new();
     let mut duration = None;
     for line in text.lines() {

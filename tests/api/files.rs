@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use crate::fixtures::{assert_right_frames, make_file, pts_of, ModelServer, Origin, Route};
 use crate::helpers::{assert_error, pairs, Db, TestApp};
-use crate::replicas::{all_results, wait_all, Replica};
+use crate::replicas::{all_results, start_then_kill, wait_all, Replica};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -168,23 +168,8 @@ async fn a_file_job_killed_midway_resumes_and_answers_each_frame_once() {
     // One request at a time, so the process is killed with most of the file still to read.
     let slow = [("MAX_BATCH_SIZE", "1"), ("OPENAI_MAX_CONCURRENCY", "1")];
     let mut first = Replica::start_env("one", &db, &model, 1, dir.path(), &slow).await;
-    let started: Value = reqwest::Client::new()
-        .post(format!("{}/api/v1/inference/start", first.base))
-        .json(&json!({"stream_ref": origin.url("clip.mp4"), "fps": 2}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = started["job_id"].as_str().unwrap().to_owned();
-    let deadline = std::time::Instant::now() + LONG;
-    while all_results(&first.base, &id).await.len() < 5 {
-        assert!(std::time::Instant::now() < deadline, "no results");
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
-    first.signal("-KILL");
-    first.exited(Duration::from_secs(5)).await;
+    let body = json!({"stream_ref": origin.url("clip.mp4"), "fps": 2});
+    let id = start_then_kill(&mut first, &body, 5).await;
     let again = Replica::start_env("one-again", &db, &model, 1, dir.path(), &slow).await;
     let st = wait_all(&again.base, std::slice::from_ref(&id), LONG).await;
     assert_eq!(st[0]["status"], "completed", "{}", st[0]);

@@ -14,7 +14,7 @@ use crate::fixtures::{
     Origin, Route,
 };
 use crate::helpers::{assert_error, pairs, Db, TestApp};
-use crate::replicas::{all_results, wait_all, Replica};
+use crate::replicas::{all_results, start_then_kill, wait_all, Replica};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -221,6 +221,22 @@ async fn a_still_noisy_scene_is_asked_about_only_every_max_interval() {
         r.body
     );
     assert_eq!(app.get("/health/live").await.status, StatusCode::OK);
+    // Both are in the OpenAPI document, and so are a result's fields for them.
+    let doc = app.get("/openapi.json").await.body;
+    let schemas = &doc["components"]["schemas"];
+    for (schema, field) in [
+        ("StartRequest", "gate"),
+        ("StartRequest", "clip"),
+        ("GateRequest", "threshold"),
+        ("ClipRequest", "stride_s"),
+        ("ResultView", "repeats_seq"),
+        ("ResultView", "pts_end_ms"),
+    ] {
+        assert!(
+            schemas[schema]["properties"][field].is_object(),
+            "{schema}.{field} missing from the OpenAPI document"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,26 +354,11 @@ async fn a_gated_job_killed_midway_compares_against_the_same_picture_after_resum
     let model = ModelServer::start().await;
     let db = format!("sqlite://{}/free-roam.db?mode=rwc", dir.path().display());
     let mut first = Replica::start_env("one", &db, &model, 1, dir.path(), &[]).await;
-    let started: Value = reqwest::Client::new()
-        .post(format!("{}/api/v1/inference/start", first.base))
-        .json(&json!({
-            "stream_ref": origin.url("still/live.m3u8"), "fps": 2, "from_beginning": true,
-            "gate": {"mode": "change", "max_interval_s": 60}
-        }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = started["job_id"].as_str().unwrap().to_owned();
-    let deadline = std::time::Instant::now() + LONG;
-    while all_results(&first.base, &id).await.len() < 6 {
-        assert!(std::time::Instant::now() < deadline, "no results");
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
-    first.signal("-KILL");
-    first.exited(Duration::from_secs(5)).await;
+    let body = json!({
+        "stream_ref": origin.url("still/live.m3u8"), "fps": 2, "from_beginning": true,
+        "gate": {"mode": "change", "max_interval_s": 60}
+    });
+    let id = start_then_kill(&mut first, &body, 6).await;
     let again = Replica::start_env("one-again", &db, &model, 1, dir.path(), &[]).await;
     let st = wait_all(&again.base, std::slice::from_ref(&id), LONG).await;
     assert_eq!(st[0]["status"], "completed", "{}", st[0]);

@@ -154,6 +154,29 @@ async fn start_job(base: &str, stream_ref: &str) -> String {
         .to_owned()
 }
 
+/// Starts a job on `replica` with `body` and kills the process with SIGKILL once `results`
+/// of its results are stored; the job's id.
+pub(crate) async fn start_then_kill(replica: &mut Replica, body: &Value, results: usize) -> String {
+    let started: Value = reqwest::Client::new()
+        .post(format!("{}/api/v1/inference/start", replica.base))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = started["job_id"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while all_results(&replica.base, &id).await.len() < results {
+        assert!(std::time::Instant::now() < deadline, "no results");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    replica.signal("-KILL");
+    replica.exited(Duration::from_secs(5)).await;
+    id
+}
+
 pub(crate) async fn all_results(base: &str, id: &str) -> Vec<Value> {
     let mut out = Vec::new();
     let mut after: Option<i64> = None;
