@@ -599,7 +599,8 @@
   }
 
   function resultCard(r) {
-    const pts = seconds(r.pts_ms);
+    // A clip's result covers its first to its last frame.
+    const pts = seconds(r.pts_ms) + (r.pts_end_ms !== undefined ? '–' + seconds(r.pts_end_ms) : '');
     let picture;
     if (r.frame_url) {
       const img = h('img', { alt: 'Frame at ' + pts + ' (result ' + r.seq + ')', width: '240', height: '135' });
@@ -610,6 +611,7 @@
     }
     const alerts = (r.alerts || []).map((a) => h('li', {}, h('strong', {}, a.name + ': '), a.answer + (a.raw ? ' (' + a.raw + ')' : '')));
     const replay = r.replay_of ? h('p', { class: 'meta' }, 'Replay of ', h('a', { href: jobHref(r.replay_of.job_id) }, r.replay_of.job_id), ' #' + r.replay_of.seq) : null;
+    const repeat = r.repeats_seq !== undefined ? h('p', { class: 'meta' }, 'Unchanged since #' + r.repeats_seq + ': the model was not asked again') : null;
     return h('li', { class: 'card', 'data-seq': r.seq, 'data-prompt-version': r.prompt_version },
       picture,
       h('div', {},
@@ -619,6 +621,7 @@
           ? h('p', { class: 'answer failed pre' }, 'Error: ' + r.error)
           : h('p', { class: 'answer pre' }, answerText(r)),
         alerts.length ? h('ul', { class: 'meta' }, alerts) : null,
+        repeat,
         replay));
   }
 

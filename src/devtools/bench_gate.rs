@@ -166,17 +166,7 @@ fn make_hls(dir: &Path, filter: &str, crf: u32) -> anyhow::Result<Vec<(PathBuf, 
             bail!("ffmpeg could not make {}", dir.display());
         }
     }
-    let text = std::fs::read_to_string(&playlist)?;
-    let mut out = Vec::new();
-    let mut duration = None;
-    for line in text.lines() {
-        if let Some(d) = line.strip_prefix("#EXTINF:") {
-            duration = d.trim_end_matches(',').parse::<f64>().ok();
-        } else if !line.starts_with('#') && !line.is_empty() {
-            out.push((dir.join(line), duration.take().unwrap_or(2.0) * 1000.0));
-        }
-    }
-    Ok(out)
+    super::playlist_segments(dir)
 }
 
 /// Every 2 fps sample's score against the clip's first picture: (pts_ms, share changed).
@@ -302,7 +292,7 @@ pub async fn bench_gate(dir: &Path) -> anyhow::Result<String> {
          every sample's score is the share of its 64x36 thumbnail's cells that differ by more \
          than 12 grey levels from the first picture's after brightness matching. Default \
          threshold: {DEFAULT_THRESHOLD}.\n\n\
-         | clip | what it shows | highest score while nothing happens | first score with the figure in view | score with it fully in |\n\
+         | clip | what it shows | highest score while nothing happens | first score with the figure in view | lowest score with it in view |\n\
          | --- | --- | --- | --- | --- |\n"
     );
     for case in cases() {
@@ -322,9 +312,10 @@ pub async fn bench_gate(dir: &Path) -> anyhow::Result<String> {
                     .filter(|(t, _)| *t >= 4000)
                     .map(|s| s.1)
                     .collect();
-                let first = event.iter().copied().find(|s| *s > 0.0).unwrap_or(0.0);
-                let full = event.last().copied().unwrap_or(0.0);
-                (format!("{first:.4}"), format!("{full:.4}"))
+                let seen: Vec<f64> = event.into_iter().filter(|s| *s > 0.0).collect();
+                let first = seen.first().copied().unwrap_or(0.0);
+                let lowest = seen.iter().copied().fold(f64::INFINITY, f64::min);
+                (format!("{first:.4}"), format!("{lowest:.4}"))
             }
         };
         md.push_str(&format!(
@@ -368,10 +359,11 @@ pub async fn bench_gate(dir: &Path) -> anyhow::Result<String> {
          walks in, stays and walks out twice (15-21 s, 40-45 s), at 2 fps, from an HLS origin \
          on loopback, asking the stand-in model server; once without a gate and once with \
          `gate: {mode: \"change\"}` (defaults).\n\n\
-         | run | results | model calls per minute | events answered at their first sample | service CPU |\n\
+         | run | results | model calls per minute | events answered at their first sample (event start → first answer) | service CPU |\n\
          | --- | --- | --- | --- | --- |\n",
     );
     let mut calls = Vec::new();
+    let mut asked_at = String::new();
     for gate in [false, true] {
         let (results, asked, cpu) = whole_run(&service, &rig, &url, gate).await?;
         let answered: Vec<i64> = results
@@ -379,23 +371,47 @@ pub async fn bench_gate(dir: &Path) -> anyhow::Result<String> {
             .filter(|r| r.get("repeats_seq").is_none())
             .filter_map(|r| r["pts_ms"].as_i64())
             .collect();
-        let on_time = EVENTS
+        // Each event's first sample: the first one after the figure starts walking in
+        // (samples land on the 2 fps grid, a few frames late where B-frames are skipped).
+        let firsts: Vec<i64> = EVENTS
             .iter()
-            .filter(|(from, _)| {
-                let start = (from * 1000.0) as i64;
-                answered.iter().any(|&t| t >= start && t <= start + 500)
+            .filter_map(|(from, _)| {
+                results
+                    .iter()
+                    .filter_map(|r| r["pts_ms"].as_i64())
+                    .find(|&t| t as f64 > from * 1000.0)
             })
-            .count();
+            .collect();
+        let on_time = firsts.iter().filter(|t| answered.contains(t)).count();
+        let delays: Vec<String> = EVENTS
+            .iter()
+            .map(|(from, _)| {
+                let start = from * 1000.0;
+                answered
+                    .iter()
+                    .find(|&&t| t as f64 > start)
+                    .map_or("never".into(), |t| format!("{:.0} ms", *t as f64 - start))
+            })
+            .collect();
         calls.push(asked);
+        if gate {
+            asked_at = answered
+                .iter()
+                .map(|t| format!("{:.1}", *t as f64 / 1000.0))
+                .collect::<Vec<_>>()
+                .join(", ");
+        }
         md.push_str(&format!(
-            "| {} | {} | {asked} | {on_time} of {} | {cpu:.2} s |\n",
+            "| {} | {} | {asked} | {on_time} of {} ({}) | {cpu:.2} s |\n",
             if gate { "gated" } else { "every sample" },
             results.len(),
             EVENTS.len(),
+            delays.join(", "),
         ));
     }
     md.push_str(&format!(
-        "\nModel calls with the gate: {:.1}x fewer.\n",
+        "\nModel calls with the gate: {:.1}x fewer. The gated run asked about the samples at \
+         (s): {asked_at}.\n",
         calls[0] as f64 / calls[1].max(1) as f64
     ));
     Ok(md)
