@@ -12,7 +12,11 @@ class H(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         parts = body["messages"][0]["content"]
-        jpeg = base64.b64decode(parts[1]["image_url"]["url"].split(",", 1)[1])
+        # One image, or a clip's images in time order (each after its text label).
+        jpegs = [base64.b64decode(p["image_url"]["url"].split(",", 1)[1])
+                 for p in parts if p.get("type") == "image_url"]
+        what = (f"A frame of {len(jpegs[0])} bytes." if len(jpegs) == 1
+                else f"A clip of {len(jpegs)} frames, {sum(map(len, jpegs))} bytes.")
         self._send({"choices": [{"index": 0, "message": {"role": "assistant",
-            "content": f"A frame of {len(jpeg)} bytes. <i>markup stays text</i>"}}]})
+            "content": f"{what} <i>markup stays text</i>"}}]})
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
