@@ -49,7 +49,7 @@ pub struct StartRequest {
     /// How long this job's results and evidence frames are kept, instead of
     /// RESULTS_RETENTION and EVIDENCE_RETENTION.
     pub retention: Option<RetentionRequest>,
-    /// Change gating (video sources): a sampled picture goes to the model only when it
+    /// Change gating (every source but a replay): a sampled picture goes to the model only when it
     /// changed enough since the last one sent; the others get a result repeating that answer
     /// (`repeats_seq`). Off when absent.
     pub gate: Option<GateRequest>,
@@ -419,13 +419,11 @@ impl StartRequest {
             .clip
             .map(|c| Clip::parse(c.frames, c.stride_s, fps))
             .transpose()?;
-        for (param, set) in [("gate", gate.is_some()), ("clip", clip.is_some())] {
-            if set && !video {
-                return Err(Invalid::new(
-                    param,
-                    format!("{param} works on video sources (HLS, RTSP, files); Redis frames are asked about one by one"),
-                ));
-            }
+        if clip.is_some() && !video {
+            return Err(Invalid::new(
+                "clip",
+                "clip works on video sources (HLS, RTSP, files); Redis entries are asked about one by one",
+            ));
         }
         let job_id = self.job_id.as_deref().map(JobId::parse).transpose()?;
         let model = match self.model {

@@ -118,6 +118,7 @@ pub(super) enum Pending {
         pts_ms: i64,
         pts_end_ms: Option<i64>,
         captured_at: Option<f64>,
+        from: Whence,
     },
     /// Acknowledge a Redis entry that produced no frame (skipped by the sampler, invalid).
     Ack(String),
@@ -508,6 +509,7 @@ impl Pipeline {
                 pts_ms,
                 pts_end_ms,
                 captured_at,
+                from: Whence::Media,
             })
             .await
             .is_ok()
@@ -537,9 +539,7 @@ impl Pipeline {
         let stop = self.cancel.child_token();
         let (tx, mut rx) = mpsc::channel(self.settings.max_batch_size * 2);
         let source_task = tokio::spawn(source.run(tx, self.stats.clone(), stop.clone()));
-        let mut sampler = progress
-            .sampler
-            .unwrap_or_else(|| Sampler::new(self.job.fps));
+        let mut sampler = progress.sampler.unwrap_or_else(|| self.new_sampler());
         let max_pixels = self.settings.pipeline.max_frame_pixels;
         let mut shaper = Some(Shaper::new(self.spec).with_evidence(self.evidence));
         while let Some(entry) = tokio::select! { _ = stop.cancelled() => None, e = rx.recv() => e }
@@ -561,19 +561,51 @@ impl Pipeline {
             }
             let ts = entry.ts_ms;
             let Some(mut sh) = shaper.take() else { break };
+            // The gate (when the job has one) judges the picture in the same blocking call.
+            let mut gate = sampler.take_gate();
             let shaped = tokio::task::spawn_blocking(move || {
-                let frame = Still::probe(&bytes, max_pixels).and_then(|s| s.shape(&mut sh, ts));
+                let frame = Still::probe(&bytes, max_pixels).and_then(|still| {
+                    if let Some(gate) = gate.as_mut() {
+                        let thumb = still.thumbnail(&mut sh)?;
+                        if !gate.judge(thumb, ts).sends() {
+                            return Ok(None);
+                        }
+                    }
+                    still.shape(&mut sh, ts).map(Some)
+                });
                 sh.release();
-                (frame, sh)
+                (frame, sh, gate)
             })
             .await;
             let shaped = match shaped {
-                Ok((frame, sh)) => {
+                Ok((frame, sh, gate)) => {
                     shaper = Some(sh);
+                    sampler.put_gate(gate);
                     frame
                 }
                 Err(_) => return Outcome::Failed("the image decoder crashed".into()),
             };
+            if let Ok(None) = shaped {
+                Stats::add(&self.stats.frames_sampled, 1);
+                Stats::add(&self.stats.frames_gated, 1);
+                let repeat = Pending::Repeat {
+                    pts_ms: ts,
+                    pts_end_ms: None,
+                    captured_at: None,
+                    from: Whence::Entry(entry.id),
+                };
+                let checkpoint = Progress {
+                    sampler: Some(sampler.clone()),
+                    ..Progress::default()
+                };
+                if pending.send(repeat).await.is_err()
+                    || pending.send(Pending::Checkpoint(checkpoint)).await.is_err()
+                {
+                    break;
+                }
+                continue;
+            }
+            let shaped = shaped.map(|f| f.expect("a gated picture went on above"));
             match shaped {
                 Ok(frame) => {
                     Stats::add(&self.stats.frames_sampled, 1);
@@ -789,12 +821,14 @@ impl Writer {
                     pts_ms,
                     pts_end_ms,
                     captured_at,
+                    from,
                 } => {
                     if last.is_none() {
                         last = self.last_answer().await;
                     }
-                    let result =
+                    let mut result =
                         repeated(last.as_ref(), pts_ms, pts_end_ms, captured_at, &self.model);
+                    result.source_key = from.source_key(pts_ms);
                     match self.append(&result, &mut alerts).await {
                         Some(Appended::New { .. }) => {
                             let calls =
@@ -806,6 +840,9 @@ impl Writer {
                         }
                         Some(Appended::Duplicate) => {}
                         None => return,
+                    }
+                    if !self.acked(from).await {
+                        return;
                     }
                 }
                 Pending::Frame {
@@ -865,10 +902,8 @@ impl Writer {
                         Some(Appended::Duplicate) => last = None,
                         None => return,
                     }
-                    if let (Some(acker), Whence::Entry(id)) = (&self.acker, from) {
-                        if !acker.ack(&id, &self.cancel).await {
-                            return;
-                        }
+                    if !self.acked(from).await {
+                        return;
                     }
                 }
                 Pending::Ack(id) => {
@@ -882,6 +917,14 @@ impl Writer {
                     exported = self.save_stats(&exported, Some(progress)).await;
                 }
             }
+        }
+    }
+
+    /// Acknowledges a Redis entry whose result is stored; false once the pipeline stops.
+    async fn acked(&self, from: Whence) -> bool {
+        match (&self.acker, from) {
+            (Some(acker), Whence::Entry(id)) => acker.ack(&id, &self.cancel).await,
+            _ => true,
         }
     }
 

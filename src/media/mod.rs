@@ -207,6 +207,12 @@ impl<'a> Still<'a> {
         )
     }
 
+    /// The change gate's signature of this still (decoded whatever its format).
+    pub fn thumbnail(&self, shaper: &mut shape::Shaper) -> Result<gate::Thumb, String> {
+        let rgb = self.decode()?;
+        shaper.thumbnail(&shape::Source::rgb(rgb.as_raw(), rgb.width(), rgb.height()))
+    }
+
     fn decode(&self) -> Result<image::RgbImage, String> {
         Ok(image::load_from_memory_with_format(self.bytes, self.format)
             .map_err(|e| format!("undecodable image: {e}"))?

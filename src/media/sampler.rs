@@ -66,6 +66,16 @@ impl Sampler {
         self.gate.as_mut()
     }
 
+    /// Takes the gate out (to judge pictures on another thread); [`Sampler::put_gate`] puts
+    /// it back.
+    pub fn take_gate(&mut self) -> Option<Gate> {
+        self.gate.take()
+    }
+
+    pub fn put_gate(&mut self, gate: Option<Gate>) {
+        self.gate = gate;
+    }
+
     /// Whether samples are gathered into clips.
     pub fn clips(&self) -> bool {
         self.clip.is_some()

@@ -203,7 +203,7 @@ async fn a_still_noisy_scene_is_asked_about_only_every_max_interval() {
     let r = app
         .post(
             "/api/v1/inference/start",
-            json!({"stream_ref": "frames", "gate": {"mode": "change"}}),
+            json!({"stream_ref": "frames", "clip": {"frames": 2}}),
         )
         .await;
     assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "validation_error");
@@ -377,4 +377,80 @@ async fn a_gated_job_killed_midway_compares_against_the_same_picture_after_resum
     assert_eq!(answered(&results), [0]);
     assert_eq!(model.asked().len(), 1);
     assert_repeats_point_back(&results);
+}
+
+/// A 160x90 JPEG of a fixed texture; with `figure` a dark block stands in it.
+fn textured_jpeg(figure: bool) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(160, 90, |x, y| {
+        let v = if figure && (60..90).contains(&x) && (20..80).contains(&y) {
+            30
+        } else {
+            (128.0 + 60.0 * ((x as f64 / 7.0).sin() * (y as f64 / 5.0).cos())) as u8
+        };
+        image::Rgb([v, v, v])
+    });
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+        .encode(img.as_raw(), 160, 90, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gated_redis_job_asks_about_changed_entries_and_acknowledges_every_one() {
+    use redis::AsyncCommands;
+    let mut c = crate::fixtures::local_redis().await;
+    let key = format!("test:gated:{}", uuid::Uuid::new_v4().simple());
+    // 0-2.5 s still, 3-4.5 s a figure stands in it, 5-6.5 s still again.
+    for i in 0..14i64 {
+        let ts = i * 500;
+        let frame = textured_jpeg((3000..5000).contains(&ts));
+        let _: String = c
+            .xadd(
+                &key,
+                "*",
+                &[("frame", frame), ("ts_ms", ts.to_string().into_bytes())],
+            )
+            .await
+            .unwrap();
+    }
+    let model = ModelServer::start().await;
+    let app = app_with(&model, &[]).await;
+    let id = app
+        .start_job(json!({
+            "stream_ref": key, "fps": 2, "from_beginning": true, "gate": {"mode": "change"}
+        }))
+        .await;
+    let deadline = std::time::Instant::now() + LONG;
+    let results = loop {
+        let results = app.all_results(&id).await;
+        if results.len() >= 14 {
+            break results;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} results",
+            results.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(answered(&results), [0, 3000, 5000]);
+    assert_repeats_point_back(&results);
+    // Every entry is acknowledged once its result (a repeat or an answer) is stored.
+    let group = format!("free-roam:{id}");
+    let mut pending = -1;
+    for _ in 0..100 {
+        let summary: redis::streams::StreamPendingReply = c.xpending(&key, &group).await.unwrap();
+        pending = summary.count() as i64;
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pending, 0, "no entry left pending");
+    let status = app
+        .get(&format!("/api/v1/inference/status/{id}"))
+        .await
+        .body;
+    assert_eq!(status["stats"]["frames_gated"], 11, "{status}");
 }
