@@ -662,3 +662,23 @@ pub async fn local_redis() -> redis::aio::MultiplexedConnection {
         .await
         .expect("Redis on 127.0.0.1:6379 (scripts/test starts one)")
 }
+
+/// How many entries of `key` the consumer group `group` still holds unacknowledged, after
+/// waiting up to 5 s for it to reach 0.
+pub async fn pending_after_wait(
+    c: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    group: &str,
+) -> i64 {
+    use redis::AsyncCommands;
+    let mut pending = -1;
+    for _ in 0..50 {
+        let summary: redis::streams::StreamPendingReply = c.xpending(key, group).await.unwrap();
+        pending = summary.count() as i64;
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pending
+}

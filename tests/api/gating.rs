@@ -438,15 +438,7 @@ async fn a_gated_redis_job_asks_about_changed_entries_and_acknowledges_every_one
     assert_repeats_point_back(&results);
     // Every entry is acknowledged once its result (a repeat or an answer) is stored.
     let group = format!("free-roam:{id}");
-    let mut pending = -1;
-    for _ in 0..100 {
-        let summary: redis::streams::StreamPendingReply = c.xpending(&key, &group).await.unwrap();
-        pending = summary.count() as i64;
-        if pending == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let pending = crate::fixtures::pending_after_wait(&mut c, &key, &group).await;
     assert_eq!(pending, 0, "no entry left pending");
     let status = app
         .get(&format!("/api/v1/inference/status/{id}"))

@@ -99,15 +99,7 @@ async fn entries_are_sampled_by_time_and_acked_after_storing() {
 
     // Everything read was acknowledged: stored, skipped by the sampler, or invalid.
     let group = format!("free-roam:{id}");
-    let mut pending = -1;
-    for _ in 0..50 {
-        let summary: redis::streams::StreamPendingReply = c.xpending(&key, &group).await.unwrap();
-        pending = summary.count() as i64;
-        if pending == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let pending = crate::fixtures::pending_after_wait(&mut c, &key, &group).await;
     assert_eq!(pending, 0, "no entry left pending");
 
     // New entries keep flowing; cancel stops the job.
