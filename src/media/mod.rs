@@ -140,6 +140,8 @@ pub struct Still<'a> {
     pub format: image::ImageFormat,
     pub width: u32,
     pub height: u32,
+    /// Its pixels once decoded (a gated job's thumbnail and its frame share one decode).
+    decoded: std::cell::OnceCell<image::RgbImage>,
 }
 
 impl<'a> Still<'a> {
@@ -167,6 +169,7 @@ impl<'a> Still<'a> {
             format,
             width,
             height,
+            decoded: std::cell::OnceCell::new(),
         })
     }
 
@@ -213,9 +216,14 @@ impl<'a> Still<'a> {
         shaper.thumbnail(&shape::Source::rgb(rgb.as_raw(), rgb.width(), rgb.height()))
     }
 
-    fn decode(&self) -> Result<image::RgbImage, String> {
-        Ok(image::load_from_memory_with_format(self.bytes, self.format)
+    /// The still's pixels, decoded on first use.
+    fn decode(&self) -> Result<&image::RgbImage, String> {
+        if let Some(rgb) = self.decoded.get() {
+            return Ok(rgb);
+        }
+        let rgb = image::load_from_memory_with_format(self.bytes, self.format)
             .map_err(|e| format!("undecodable image: {e}"))?
-            .to_rgb8())
+            .to_rgb8();
+        Ok(self.decoded.get_or_init(|| rgb))
     }
 }
