@@ -585,27 +585,31 @@ impl Pipeline {
                 }
                 Err(_) => return Outcome::Failed("the image decoder crashed".into()),
             };
-            if let Ok(None) = shaped {
-                Stats::add(&self.stats.frames_sampled, 1);
-                Stats::add(&self.stats.frames_gated, 1);
-                let repeat = Pending::Repeat {
-                    pts_ms: ts,
-                    pts_end_ms: None,
-                    captured_at: None,
-                    from: Whence::Entry(entry.id),
-                };
-                let checkpoint = Progress {
-                    sampler: Some(sampler.clone()),
-                    ..Progress::default()
-                };
-                if pending.send(repeat).await.is_err()
-                    || pending.send(Pending::Checkpoint(checkpoint)).await.is_err()
-                {
-                    break;
+            let shaped = match shaped {
+                Ok(Some(frame)) => Ok(frame),
+                Err(why) => Err(why),
+                // Unchanged: its result repeats the newest answer.
+                Ok(None) => {
+                    Stats::add(&self.stats.frames_sampled, 1);
+                    Stats::add(&self.stats.frames_gated, 1);
+                    let repeat = Pending::Repeat {
+                        pts_ms: ts,
+                        pts_end_ms: None,
+                        captured_at: None,
+                        from: Whence::Entry(entry.id),
+                    };
+                    let checkpoint = Progress {
+                        sampler: Some(sampler.clone()),
+                        ..Progress::default()
+                    };
+                    if pending.send(repeat).await.is_err()
+                        || pending.send(Pending::Checkpoint(checkpoint)).await.is_err()
+                    {
+                        break;
+                    }
+                    continue;
                 }
-                continue;
-            }
-            let shaped = shaped.map(|f| f.expect("a gated picture went on above"));
+            };
             match shaped {
                 Ok(frame) => {
                     Stats::add(&self.stats.frames_sampled, 1);
@@ -826,9 +830,14 @@ impl Writer {
                     if last.is_none() {
                         last = self.last_answer().await;
                     }
-                    let mut result =
-                        repeated(last.as_ref(), pts_ms, pts_end_ms, captured_at, &self.model);
-                    result.source_key = from.source_key(pts_ms);
+                    let result = repeated(
+                        last.as_ref(),
+                        &from,
+                        pts_ms,
+                        pts_end_ms,
+                        captured_at,
+                        &self.model,
+                    );
                     match self.append(&result, &mut alerts).await {
                         Some(Appended::New { .. }) => {
                             let calls =
@@ -1112,17 +1121,18 @@ impl Answered {
     }
 }
 
-/// The result of a gated picture (or clip) at `pts_ms`: the answer of `last` again, with its
-/// seq in `repeats_seq`; an error when the job has no answer to repeat.
+/// The result of a gated picture (or clip) at `pts_ms`, from `from`: the answer of `last`
+/// again, with its seq in `repeats_seq`; an error when the job has no answer to repeat.
 fn repeated(
     last: Option<&Answered>,
+    from: &Whence,
     pts_ms: i64,
     pts_end_ms: Option<i64>,
     captured_at: Option<f64>,
     model: &str,
 ) -> NewResult {
     let base = NewResult {
-        source_key: Whence::Media.source_key(pts_ms),
+        source_key: from.source_key(pts_ms),
         replay_of: None,
         pts_ms,
         pts_end_ms,
