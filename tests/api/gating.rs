@@ -10,8 +10,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::fixtures::{
-    brightness_to_ms, make_hls, make_hls_filtered, segments_of, Container, Live, ModelServer,
-    Origin, Route,
+    brightness_to_ms, make_hls, make_hls_filtered, pts_of, segments_of, Container, Live,
+    ModelServer, Origin, Route,
 };
 use crate::helpers::{assert_error, pairs, Db, TestApp};
 use crate::replicas::{all_results, start_then_kill, wait_all, Replica};
@@ -74,6 +74,17 @@ fn answered(results: &[Value]) -> Vec<i64> {
         .collect()
 }
 
+/// Each result's (`pts_ms`, `pts_end_ms`): what a clip's result covers.
+fn ranges_of(results: &[Value]) -> Vec<(i64, i64)> {
+    results
+        .iter()
+        .map(|r| {
+            let at = |f: &str| r[f].as_i64().unwrap_or_else(|| panic!("{f} in {r}"));
+            (at("pts_ms"), at("pts_end_ms"))
+        })
+        .collect()
+}
+
 /// Every repeat names an earlier answer the model gave and carries that answer.
 fn assert_repeats_point_back(results: &[Value]) {
     for r in results {
@@ -108,10 +119,7 @@ async fn a_gated_job_asks_about_each_event_and_repeats_the_still_scene() {
         json!({"threshold": 0.003, "max_interval_s": 30.0})
     );
     // Every sample has its result, in order: a timeline stays dense.
-    let pts: Vec<i64> = results
-        .iter()
-        .map(|r| r["pts_ms"].as_i64().unwrap())
-        .collect();
+    let pts = pts_of(&results);
     assert_eq!(pts, (0..80).map(|i| i * 500).collect::<Vec<_>>());
     // The figure's arrival and departure are each asked about at the first sample that
     // shows them; the flicker, noise and blocks in between are not.
@@ -267,15 +275,7 @@ async fn a_clip_job_sends_its_samples_together_and_its_results_tile_the_stream()
         );
     }
     // Results cover [pts_ms, pts_end_ms]: back to back, no overlap, no gap.
-    let ranges: Vec<(i64, i64)> = results
-        .iter()
-        .map(|r| {
-            (
-                r["pts_ms"].as_i64().unwrap(),
-                r["pts_end_ms"].as_i64().unwrap(),
-            )
-        })
-        .collect();
+    let ranges = ranges_of(&results);
     assert_eq!(
         ranges,
         [(0, 1000), (1500, 2500), (3000, 4000), (4500, 5500)]
@@ -305,15 +305,7 @@ async fn a_clip_job_sends_its_samples_together_and_its_results_tile_the_stream()
         json!({"stream_ref": url, "fps": 2, "clip": {"frames": 2, "stride_s": 2}}),
     )
     .await;
-    let ranges: Vec<(i64, i64)> = strided
-        .iter()
-        .map(|r| {
-            (
-                r["pts_ms"].as_i64().unwrap(),
-                r["pts_end_ms"].as_i64().unwrap(),
-            )
-        })
-        .collect();
+    let ranges = ranges_of(&strided);
     assert_eq!(ranges, [(0, 500), (2000, 2500), (4000, 4500)]);
 
     // A server that takes two images per request cannot serve three.
@@ -363,10 +355,7 @@ async fn a_gated_job_killed_midway_compares_against_the_same_picture_after_resum
     let st = wait_all(&again.base, std::slice::from_ref(&id), LONG).await;
     assert_eq!(st[0]["status"], "completed", "{}", st[0]);
     let results = all_results(&again.base, &id).await;
-    let pts: Vec<i64> = results
-        .iter()
-        .map(|r| r["pts_ms"].as_i64().unwrap())
-        .collect();
+    let pts = pts_of(&results);
     assert_eq!(
         pts,
         (0..32).map(|i| i * 500).collect::<Vec<_>>(),
