@@ -97,6 +97,9 @@ enum DevTool {
         /// Only the memory run with a model that falls behind (about 40 s).
         #[arg(long)]
         memory_only: bool,
+        /// Only the live runs: `--streams` streams, then up or down by 8 as they hold.
+        #[arg(long)]
+        live_only: bool,
     },
     /// Push latency: result stored → SSE event and → webhook received, with 1 and many SSE
     /// clients on one live job (the release binary as a child process; Markdown out).
@@ -237,6 +240,7 @@ async fn run() {
                     live_seconds,
                     no_live,
                     memory_only,
+                    live_only,
                 },
         }) => {
             let opts = free_roam::devtools::bench_service::Options {
@@ -244,6 +248,7 @@ async fn run() {
                 live_seconds: *live_seconds,
                 no_live: *no_live,
                 memory_only: *memory_only,
+                live_only: *live_only,
             };
             match free_roam::devtools::bench_service::bench_service(dir, opts).await {
                 Ok(md) => print!("{md}"),
