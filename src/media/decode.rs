@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::hash::Hasher;
 use std::io::Cursor;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
@@ -136,12 +137,18 @@ pub struct SegmentDecoder {
     b_frames: BFrames,
     /// Segments decoded since B-frames were last checked.
     since_check: u32,
+    /// Segments between this job's checks: [`B_FRAMES_RECHECK`] plus a share of it that
+    /// differs from job to job, so that jobs started together do not all check at once.
+    recheck_after: u32,
 }
 
 /// Whether a stream's B-frames can be left undecoded when no sample needs them. Reference
 /// B-frames (x264's b-pyramid) are skipped only when its P-frames are found not to use them:
-/// a segment is decoded both ways and every frame compared bit for bit. Checked again after a
-/// new decoder is opened and every [`B_FRAMES_RECHECK`] segments.
+/// while checking, a segment is decoded with them (the job's decoder, whose frames are the
+/// samples) and, by a second decoder fed the same packets, without them, and every picture
+/// the second gives is compared bit for bit with the first's at the same time
+/// ([`BCheck`]). Checked again after a new decoder is opened and every
+/// [`B_FRAMES_RECHECK`] segments or somewhat more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BFrames {
     Unchecked,
@@ -151,6 +158,12 @@ enum BFrames {
 
 /// Segments between two checks of whether B-frames are needed.
 const B_FRAMES_RECHECK: u32 = 30;
+/// Segments between the B-frame checks of the process's `nth` decoder: any 30 consecutive
+/// decoders (jobs started together) get 30 different periods spread over 30..60 segments.
+fn recheck_period(nth: u32) -> u32 {
+    B_FRAMES_RECHECK + nth % B_FRAMES_RECHECK * 11 % B_FRAMES_RECHECK
+}
+
 /// Frames per sampling interval from which B-frames are left out when they can be: a sample
 /// then lands at most a few frames after its target, a small part of the interval.
 const B_FRAMES_SKIP_INTERVAL: f64 = 8.0;
@@ -201,12 +214,14 @@ impl SegmentDecoder {
     /// A decoder whose sampled frames are shaped as `spec` says.
     pub fn new(limits: DecodeLimits, spec: FrameSpec) -> Self {
         init();
+        static OPENED: AtomicU32 = AtomicU32::new(0);
         Self {
             sink: Sink::new(limits.max_frame_pixels, spec),
             limits,
             open: None,
             b_frames: BFrames::Unchecked,
             since_check: 0,
+            recheck_after: recheck_period(OPENED.fetch_add(1, Ordering::Relaxed)),
         }
     }
 
@@ -352,19 +367,14 @@ impl SegmentDecoder {
         {
             self.open = None;
         }
-        if self.open.is_none() || self.since_check >= B_FRAMES_RECHECK {
+        if self.open.is_none() || self.since_check >= self.recheck_after {
             self.b_frames = BFrames::Unchecked;
         }
         let frames_per_sample = frame_ms.map_or(0.0, |f| sampler.interval_ms() / f);
         let skip_b = !keyframes_only && frames_per_sample >= B_FRAMES_SKIP_INTERVAL;
-        if skip_b && self.b_frames == BFrames::Unchecked {
-            self.b_frames = if b_frames_unreferenced(&packets, &parameters, limits) {
-                BFrames::Skippable
-            } else {
-                BFrames::Needed
-            };
-            self.since_check = 0;
-        }
+        // Checking decodes this chunk with the B-frames (below: NonReference) and without.
+        let mut check = (skip_b && self.b_frames == BFrames::Unchecked)
+            .then(|| BCheck::open(&parameters, limits));
         self.since_check += 1;
         let open = match self.open.take() {
             Some(open) => open,
@@ -385,6 +395,7 @@ impl SegmentDecoder {
         });
 
         let sink = &mut self.sink;
+        sink.hashes = check.as_ref().map(|_| HashMap::new());
         'gops: for (g, &start) in starts.iter().enumerate() {
             let end = starts.get(g + 1).copied().unwrap_or(packets.len());
             // Where this GOP's usefulness ends: the next keyframe, or for the segment's last
@@ -415,6 +426,9 @@ impl SegmentDecoder {
                     out.timed_out = true;
                     break 'gops;
                 }
+                if let Some(Some(check)) = check.as_mut() {
+                    check.feed(packet);
+                }
                 if decoder.send_packet(packet).is_err() {
                     out.corrupt += 1;
                     continue;
@@ -427,6 +441,15 @@ impl SegmentDecoder {
         }
         if !out.timed_out && decoder.send_eof().is_ok() {
             sink.drain(decoder, &timeline, tick_ms, sampler, &mut out)?;
+        }
+        let with = sink.hashes.take();
+        // A chunk cut short leaves the question open for the next one.
+        if let (Some(check), Some(with), false) = (check, with, out.timed_out) {
+            self.b_frames = match check.map(|c| c.finish()) {
+                Some(without) if b_frames_unused(&without, &with) => BFrames::Skippable,
+                _ => BFrames::Needed,
+            };
+            self.since_check = 0;
         }
         Ok(out)
     }
@@ -527,40 +550,53 @@ fn open_decoder(
     Ok(decoder)
 }
 
-/// Decodes `packets` twice, B-frames left out and kept (non-reference frames left out both
-/// times), and says whether every frame the first gives is, bit for bit, the frame the second
-/// gives at the same time: the P-frames do not reference B-frames, which can then be skipped.
-fn b_frames_unreferenced(
-    packets: &[Packet],
-    parameters: &codec::Parameters,
-    limits: &DecodeLimits,
-) -> bool {
-    let run = |discard: Discard| -> Option<HashMap<i64, u64>> {
+/// The second decoder of a B-frame check: fed the packets the job's decoder is fed, it leaves
+/// every B-frame out and keeps a hash of each picture it gives, by timestamp.
+struct BCheck {
+    decoder: ffmpeg::decoder::Video,
+    frame: frame::Video,
+    hashes: HashMap<i64, u64>,
+}
+
+impl BCheck {
+    /// `None` when no decoder opens (the check then says the B-frames are needed).
+    fn open(parameters: &codec::Parameters, limits: &DecodeLimits) -> Option<Self> {
         let mut decoder = open_decoder(parameters.clone(), limits).ok()?;
-        decoder.skip_frame(discard);
-        let mut frames = HashMap::new();
-        let mut frame = frame::Video::empty();
-        let mut take = |decoder: &mut ffmpeg::decoder::Video, frames: &mut HashMap<i64, u64>| {
-            while decoder.receive_frame(&mut frame).is_ok() {
-                if let Some(t) = frame.timestamp().or(frame.pts()) {
-                    frames.insert(t, picture_hash(&frame));
-                }
-            }
-        };
-        for packet in packets {
-            if decoder.send_packet(packet).is_ok() {
-                take(&mut decoder, &mut frames);
+        decoder.skip_frame(Discard::Bidirectional);
+        Some(Self {
+            decoder,
+            frame: frame::Video::empty(),
+            hashes: HashMap::new(),
+        })
+    }
+
+    fn feed(&mut self, packet: &Packet) {
+        if self.decoder.send_packet(packet).is_ok() {
+            self.take();
+        }
+    }
+
+    fn take(&mut self) {
+        while self.decoder.receive_frame(&mut self.frame).is_ok() {
+            if let Some(t) = self.frame.timestamp().or(self.frame.pts()) {
+                self.hashes.insert(t, picture_hash(&self.frame));
             }
         }
-        if decoder.send_eof().is_ok() {
-            take(&mut decoder, &mut frames);
+    }
+
+    /// The hashes of every picture, the decoder drained.
+    fn finish(mut self) -> HashMap<i64, u64> {
+        if self.decoder.send_eof().is_ok() {
+            self.take();
         }
-        Some(frames)
-    };
-    let (Some(without), Some(with)) = (run(Discard::Bidirectional), run(Discard::NonReference))
-    else {
-        return false;
-    };
+        self.hashes
+    }
+}
+
+/// Whether every picture decoded without B-frames (`without`) is, bit for bit, the picture
+/// decoded with them at the same time (`with`, which need hold only the I- and P-pictures):
+/// then the P-frames do not reference B-frames, which can be skipped.
+fn b_frames_unused(without: &HashMap<i64, u64>, with: &HashMap<i64, u64>) -> bool {
     !without.is_empty() && without.iter().all(|(t, h)| with.get(t) == Some(h))
 }
 
@@ -623,6 +659,8 @@ struct Sink {
     shaper: Shaper,
     max_pixels: u64,
     decoded: frame::Video,
+    /// While B-frames are checked: a hash of each decoded I- and P-picture, by timestamp.
+    hashes: Option<HashMap<i64, u64>>,
 }
 
 impl Sink {
@@ -631,6 +669,7 @@ impl Sink {
             shaper: Shaper::new(spec),
             max_pixels,
             decoded: frame::Video::empty(),
+            hashes: None,
         }
     }
 
@@ -658,6 +697,11 @@ impl Sink {
             let Some(raw) = self.decoded.timestamp().or(self.decoded.pts()) else {
                 continue;
             };
+            if let Some(hashes) = self.hashes.as_mut() {
+                if self.decoded.kind() != ffmpeg::picture::Type::B {
+                    hashes.insert(raw, picture_hash(&self.decoded));
+                }
+            }
             let t = timeline.media_ms(raw as f64 * tick_ms);
             if sampler.offer(t) {
                 check_size(self.decoded.width(), self.decoded.height(), self.max_pixels)?;
@@ -700,54 +744,60 @@ impl Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::media::{Encoding, FrameSize};
 
-    /// A 2 s clip made by the ffmpeg CLI with `codec`, as its video packets and parameters.
-    fn clip(codec: &[&str]) -> (Vec<Packet>, codec::Parameters) {
-        init();
+    /// A 2 s 320x180 30 fps MPEG-TS segment made by the ffmpeg CLI with `codec`.
+    fn segment(codec: &[&str]) -> SegmentBytes {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("clip.ts");
         let status = std::process::Command::new("ffmpeg")
-            .args([
-                "-v",
-                "error",
-                "-y",
-                "-f",
-                "lavfi",
-                "-i",
-                "testsrc2=s=320x180:r=30:d=2",
-            ])
+            .args(["-v", "error", "-y", "-f", "lavfi"])
+            .args(["-i", "testsrc2=s=320x180:r=30:d=2"])
             .args(codec)
             .args(["-f", "mpegts"])
             .arg(&path)
             .status()
             .expect("the ffmpeg CLI is installed");
         assert!(status.success());
-        let mut input = format::input(&path).unwrap();
-        let stream = input.streams().best(media::Type::Video).unwrap();
-        let (index, parameters) = (stream.index(), stream.parameters());
-        let packets = input
-            .packets()
-            .filter(|(s, _)| s.index() == index)
-            .map(|(_, p)| p)
-            .collect();
-        (packets, parameters)
+        SegmentBytes {
+            bytes: std::fs::read(&path).unwrap(),
+            duration_ms: 2000.0,
+            discontinuity: false,
+        }
     }
 
-    fn limits() -> DecodeLimits {
-        DecodeLimits {
+    /// Decodes `segment` sampled at 2 fps (15 frames apart: B-frames are worth leaving out)
+    /// and says what the decoder found of its B-frames, and the samples' times.
+    fn decode_at_2fps(segment: SegmentBytes) -> (BFrames, Vec<i64>) {
+        let limits = DecodeLimits {
             max_frame_pixels: 1 << 30,
             deadline: Duration::from_secs(30),
             fast: false,
-        }
+        };
+        let spec = FrameSpec {
+            size: FrameSize::LongestSide(64),
+            encoding: Encoding::Jpeg { quality: 80 },
+        };
+        let mut decoder = SegmentDecoder::new(limits, spec);
+        let mut sampler = Sampler::new(2.0);
+        let out = decoder
+            .decode(segment, &mut DecodeState::default(), &mut sampler)
+            .unwrap();
+        (
+            decoder.b_frames,
+            out.frames.iter().map(Sampled::pts_ms).collect(),
+        )
     }
 
     #[test]
     fn b_frames_are_left_out_only_where_p_frames_do_not_use_them() {
         // x264's b-pyramid: reference B-frames serve only other B-frames.
-        let (packets, parameters) = clip(&["-c:v", "libx264", "-preset", "veryfast", "-bf", "3"]);
-        assert!(b_frames_unreferenced(&packets, &parameters, &limits()));
+        let x264 = segment(&["-c:v", "libx264", "-preset", "veryfast", "-bf", "3"]);
+        let (found, samples) = decode_at_2fps(x264);
+        assert_eq!(found, BFrames::Skippable);
+        assert_eq!(samples, [0, 500, 1000, 1500]);
         // x265's P-frames do reference B-frames: leaving them out would change the pictures.
-        let (packets, parameters) = clip(&[
+        let x265 = segment(&[
             "-c:v",
             "libx265",
             "-preset",
@@ -755,6 +805,21 @@ mod tests {
             "-x265-params",
             "log-level=error",
         ]);
-        assert!(!b_frames_unreferenced(&packets, &parameters, &limits()));
+        let (found, samples) = decode_at_2fps(x265);
+        assert_eq!(found, BFrames::Needed);
+        assert_eq!(samples, [0, 500, 1000, 1500]);
+    }
+
+    #[test]
+    fn jobs_started_together_recheck_b_frames_at_different_segments() {
+        for first in [0, 7, 1000] {
+            let periods: std::collections::HashSet<u32> = (0..B_FRAMES_RECHECK)
+                .map(|k| recheck_period(first + k))
+                .collect();
+            assert_eq!(periods.len(), B_FRAMES_RECHECK as usize);
+            assert!(periods
+                .iter()
+                .all(|p| (B_FRAMES_RECHECK..2 * B_FRAMES_RECHECK).contains(p)));
+        }
     }
 }
