@@ -89,6 +89,8 @@ pub struct PipelineSettings {
     pub max_segment_bytes: usize,
     pub segment_decode_timeout: Duration,
     pub fast_decode: bool,
+    /// DECODE_THREADS: media work at once (0: one per core).
+    pub decode_threads: usize,
     pub allow_private_networks: bool,
     pub network_allowlist: Vec<String>,
     pub redis_block: Duration,
@@ -342,6 +344,8 @@ mod tests {
         assert!(err.to_string().starts_with("DEFAULT_FPS:"), "{err}");
         let err = Settings::from_sources(None, None, env(&[("DEFAULT_FPS", "61")])).unwrap_err();
         assert!(err.to_string().starts_with("DEFAULT_FPS:"), "{err}");
+        let err = Settings::from_sources(None, None, env(&[("DECODE_THREADS", "-1")])).unwrap_err();
+        assert!(err.to_string().starts_with("DECODE_THREADS:"), "{err}");
         let err = Settings::from_sources(None, None, env(&[("LOG_FORMAT", "xml")])).unwrap_err();
         assert!(err.to_string().starts_with("LOG_FORMAT:"), "{err}");
         let err = Settings::from_sources(None, None, env(&[("MODEL_TYPE", "openai")])).unwrap_err();

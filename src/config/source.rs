@@ -394,6 +394,11 @@ impl Source {
                     |v: &u64| (1..=3600).contains(v),
                 )?),
                 fast_decode: self.flag("FAST_DECODE")?,
+                decode_threads: self.ranged(
+                    "DECODE_THREADS",
+                    "a whole number from 0 to 1024",
+                    |v: &usize| *v <= 1024,
+                )?,
                 allow_private_networks: self.flag("ALLOW_PRIVATE_NETWORKS")?,
                 network_allowlist: self.list("NETWORK_ALLOWLIST"),
                 redis_block: Duration::from_millis(self.ranged(

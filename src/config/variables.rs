@@ -59,6 +59,7 @@ variables! {
     "MAX_PLAYLIST_BYTES" = "1048576" : "Largest playlist accepted.";
     "MAX_SEGMENT_BYTES" = "52428800" : "Largest segment (or init section) accepted.";
     "FAST_DECODE" = "false" : "Skip H.264/HEVC deblocking when decoding: about a fifth less CPU, slightly blockier frames.";
+    "DECODE_THREADS" = "0" : "Segments (and stills) decoded at once, by all jobs together, in the order they arrive; 0: one per CPU core. More than the cores only time-slices them, so each one finishes later.";
     "SEGMENT_DECODE_TIMEOUT_SECS" = "30" : "A segment still decoding after this long is abandoned and counted.";
     "ALLOW_PRIVATE_NETWORKS" = "false" : "Allow HLS URLs that resolve to loopback, private, link-local or metadata addresses.";
     "NETWORK_ALLOWLIST" = "" : "Comma-separated hosts exempt from the private-address check.";

@@ -102,7 +102,10 @@ impl Pipeline {
             let Some((params, units, next, discontinuity)) = ready else {
                 continue;
             };
-            match state.decode(params, units, next, discontinuity).await {
+            match state
+                .decode(&self.media, params, units, next, discontinuity)
+                .await
+            {
                 Ok(Some(mut out)) => {
                     for sampled in &mut out.frames {
                         match sampled {
@@ -186,6 +189,7 @@ impl Group {
 
     async fn decode(
         &mut self,
+        media: &crate::media::workers::MediaWorkers,
         params: Arc<UnitParams>,
         units: Vec<Unit>,
         next: Option<i64>,
@@ -196,12 +200,13 @@ impl Group {
         };
         let (mut st, mut sm) = (self.decode.clone(), self.sampler.clone());
         let span = tracing::Span::current();
-        let joined = tokio::task::spawn_blocking(move || {
-            let _g = span.enter();
-            let r = decoder.decode(&params, units, next, discontinuity, &mut st, &mut sm);
-            (r, st, sm, decoder)
-        })
-        .await;
+        let joined = media
+            .run(move || {
+                let _g = span.enter();
+                let r = decoder.decode(&params, units, next, discontinuity, &mut st, &mut sm);
+                (r, st, sm, decoder)
+            })
+            .await;
         let Ok((result, st, sm, decoder)) = joined else {
             return Err(DecodeError::Unreadable("the decoder crashed".into()));
         };

@@ -97,6 +97,8 @@ struct Inner {
     wake: tokio::sync::Notify,
     /// RESULTS_STREAM, when set.
     publish: Option<Arc<publish::ResultStream>>,
+    /// Where every job's decoding runs (DECODE_THREADS at once).
+    media: crate::media::workers::MediaWorkers,
 }
 
 #[derive(Clone)]
@@ -137,8 +139,10 @@ impl JobManager {
             )?),
             None => None,
         };
+        let media = crate::media::workers::MediaWorkers::new(p.decode_threads);
         Ok(Self {
             inner: Arc::new(Inner {
+                media,
                 store,
                 settings,
                 models,
@@ -537,6 +541,7 @@ impl Inner {
             stats,
             batcher,
             fetcher: self.fetcher.clone(),
+            media: self.media.clone(),
             cancel,
             gathering: Default::default(),
         };

@@ -34,6 +34,7 @@ use crate::media::decode::{
 use crate::media::gate::GateSpec;
 use crate::media::sampler::Sampler;
 use crate::media::shape::Shaper;
+use crate::media::workers::MediaWorkers;
 use crate::media::{EvidenceSpec, Frame, FrameSpec, Still};
 use crate::retry::Backoff;
 use crate::stats::LatencyWindow;
@@ -144,6 +145,8 @@ pub struct Pipeline {
     pub stats: Arc<Stats>,
     pub batcher: Arc<Batcher<Work>>,
     pub fetcher: Fetcher,
+    /// Where decoding and shaping run, shared with every other job.
+    pub media: MediaWorkers,
     pub cancel: CancellationToken,
     /// The clip being gathered (clip jobs).
     pub gathering: std::sync::Mutex<Gathering>,
@@ -299,17 +302,19 @@ impl Pipeline {
                     };
                     let started = std::time::Instant::now();
                     let span = tracing::Span::current();
-                    let joined = tokio::task::spawn_blocking(move || {
-                        let _g = span.enter();
-                        let segment = SegmentBytes {
-                            bytes: seg.bytes,
-                            duration_ms: seg.duration_ms,
-                            discontinuity: seg.discontinuity,
-                        };
-                        let r = dec.decode(segment, &mut st, &mut sm);
-                        (r, st, sm, dec)
-                    })
-                    .await;
+                    let joined = self
+                        .media
+                        .run(move || {
+                            let _g = span.enter();
+                            let segment = SegmentBytes {
+                                bytes: seg.bytes,
+                                duration_ms: seg.duration_ms,
+                                discontinuity: seg.discontinuity,
+                            };
+                            let r = dec.decode(segment, &mut st, &mut sm);
+                            (r, st, sm, dec)
+                        })
+                        .await;
                     metrics::histogram!("free_roam_stage_seconds", "stage" => "decode", "model" => "").record(started.elapsed().as_secs_f64());
                     let Ok((result, st, sm, dec)) = joined else {
                         failure = Some("the decoder crashed".to_owned());
@@ -563,20 +568,22 @@ impl Pipeline {
             let Some(mut sh) = shaper.take() else { break };
             // The gate (when the job has one) judges the picture in the same blocking call.
             let mut gate = sampler.take_gate();
-            let shaped = tokio::task::spawn_blocking(move || {
-                let frame = Still::probe(&bytes, max_pixels).and_then(|still| {
-                    if let Some(gate) = gate.as_mut() {
-                        let thumb = still.thumbnail(&mut sh)?;
-                        if !gate.judge(thumb, ts).sends() {
-                            return Ok(None);
+            let shaped = self
+                .media
+                .run(move || {
+                    let frame = Still::probe(&bytes, max_pixels).and_then(|still| {
+                        if let Some(gate) = gate.as_mut() {
+                            let thumb = still.thumbnail(&mut sh)?;
+                            if !gate.judge(thumb, ts).sends() {
+                                return Ok(None);
+                            }
                         }
-                    }
-                    still.shape(&mut sh, ts).map(Some)
-                });
-                sh.release();
-                (frame, sh, gate)
-            })
-            .await;
+                        still.shape(&mut sh, ts).map(Some)
+                    });
+                    sh.release();
+                    (frame, sh, gate)
+                })
+                .await;
             let shaped = match shaped {
                 Ok((frame, sh, gate)) => {
                     shaper = Some(sh);
@@ -691,12 +698,15 @@ impl Pipeline {
             };
             Stats::add(&self.stats.frames_sampled, 1);
             let Some(mut sh) = shaper.take() else { break };
-            let shaped = tokio::task::spawn_blocking(move || {
-                let frame = Still::probe(&jpeg, max_pixels).and_then(|s| s.shape(&mut sh, pts_ms));
-                sh.release();
-                (frame, sh)
-            })
-            .await;
+            let shaped = self
+                .media
+                .run(move || {
+                    let frame =
+                        Still::probe(&jpeg, max_pixels).and_then(|s| s.shape(&mut sh, pts_ms));
+                    sh.release();
+                    (frame, sh)
+                })
+                .await;
             let Ok((frame, sh)) = shaped else {
                 return Outcome::Failed("the frame shaper crashed".into());
             };

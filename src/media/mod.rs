@@ -8,7 +8,8 @@
 //! swscale and [`jpeg`] (libjpeg-turbo), so queues hold only that. [`file`] cuts a whole
 //! file (local, or read over HTTP with Range requests) into keyframe-aligned pieces that go
 //! through the same decoder. [`gate`] judges whether a sampled picture changed enough since
-//! the last one the model saw (a small thumbnail made by the same scaler).
+//! the last one the model saw (a small thumbnail made by the same scaler). [`workers`] runs
+//! all of it on blocking threads, no more at once than there are cores.
 
 pub mod decode;
 pub mod file;
@@ -19,6 +20,7 @@ pub mod sampler;
 pub mod shape;
 pub mod timeline;
 pub mod units;
+pub mod workers;
 
 /// How big the pictures a backend takes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

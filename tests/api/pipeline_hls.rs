@@ -185,6 +185,33 @@ async fn open_gop_segments_without_their_own_parameter_sets_decode() {
     assert_right_frames(&results, 80.0);
 }
 
+/// With one decoding slot for the whole process, jobs take turns segment by segment: three
+/// at once all finish, each with every frame, the right picture at each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_take_turns_at_one_decoding_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    make_hls(dir.path(), "vod", 6.0, 160, 90, Container::Ts, 2.0);
+    let origin = Origin::start(dir.path()).await;
+    let model = ModelServer::start().await;
+    let app = spawn(Db::Sqlite, &model, &[("DECODE_THREADS", "1")]).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let body = json!({"stream_ref": origin.url("vod/index.m3u8"), "fps": 2});
+        ids.push(app.start_job(body).await);
+    }
+    for id in &ids {
+        let status = app.wait_status(id, &["completed", "failed"], LONG).await;
+        assert_eq!(status["status"], "completed", "{status}");
+        let results = app.all_results(id).await;
+        assert_eq!(
+            pts_of(&results),
+            (0..12).map(|i| i * 500).collect::<Vec<_>>()
+        );
+        assert_right_frames(&results, 80.0);
+    }
+    assert_eq!(model.asked().len(), 36);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_playlist_grows_and_a_prompt_update_applies_mid_job() {
     let dir = tempfile::tempdir().unwrap();
