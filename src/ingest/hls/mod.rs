@@ -3,7 +3,10 @@
 //!
 //! VOD (EXT-X-ENDLIST) is read whole. Live playlists start at the live edge (the newest
 //! segment) unless `from_beginning`, and reload per RFC 8216 §6.3.4: after the target
-//! duration when the playlist changed, after half of it when it did not. A playlist that adds
+//! duration when the playlist changed, after half of it when it did not. The first reload
+//! waits a random part of a target duration more: reloads keep the phase they start with,
+//! and jobs started (or resumed) together would otherwise find their new segments in the
+//! same instant every target duration and decode them all at once. A playlist that adds
 //! nothing, or cannot be fetched, for `stall_target_durations` target durations ends the job.
 
 pub mod fetch;
@@ -69,6 +72,14 @@ pub enum HlsError {
     Vanished { secs: f64, last_error: String },
 }
 
+/// How much later than the RFC's earliest a live job's first reload comes: uniformly random
+/// within one target duration, so that the phases of jobs started together spread out.
+fn reload_phase(target_duration_ms: f64) -> Duration {
+    use rand::Rng;
+    let ms = target_duration_ms.max(0.0) as u64;
+    Duration::from_millis(rand::rng().random_range(0..=ms))
+}
+
 pub struct HlsSource {
     pub url: Url,
     pub fetcher: Fetcher,
@@ -121,6 +132,7 @@ impl HlsSource {
         }
         let mut init_cache: Option<(Resource, Vec<u8>)> = None;
         let mut listed_ms = 0.0;
+        let mut first_reload = true;
         let mut last_change = Instant::now();
         loop {
             if let Some(oldest) = playlist.segments.first().map(|s| s.seq) {
@@ -165,6 +177,9 @@ impl HlsSource {
             }
             // RFC 8216 §6.3.4 reload timing; stall and vanish detection.
             let mut due = load_began + Duration::from_millis(playlist.target_duration_ms as u64);
+            if std::mem::take(&mut first_reload) {
+                due += reload_phase(playlist.target_duration_ms);
+            }
             let stall_limit = Duration::from_millis(
                 (playlist.target_duration_ms * f64::from(self.limits.stall_target_durations))
                     as u64,
@@ -241,5 +256,22 @@ impl HlsSource {
         }
         bytes.extend(self.fetcher.fetch(&segment.resource, limit, cancel).await?);
         Ok(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_reloads_spread_over_one_target_duration() {
+        let phases: Vec<Duration> = (0..64).map(|_| reload_phase(2000.0)).collect();
+        assert!(phases.iter().all(|p| *p <= Duration::from_secs(2)));
+        let early = phases
+            .iter()
+            .filter(|p| **p < Duration::from_secs(1))
+            .count();
+        // Half in each half, give or take: all 64 in one half has odds of 2^-63.
+        assert!((1..64).contains(&early), "{phases:?}");
     }
 }
