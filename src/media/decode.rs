@@ -789,13 +789,23 @@ mod tests {
         )
     }
 
+    /// One sample per 500 ms target, each at most two frames (of 33 ms) after it: frames
+    /// nothing references are not decoded, so a sample may land on the next one decoded.
+    fn assert_on_the_grid(samples: &[i64]) {
+        assert_eq!(samples.len(), 4, "{samples:?}");
+        for (k, pts) in samples.iter().enumerate() {
+            let late = pts - 500 * k as i64;
+            assert!((0..=67).contains(&late), "{samples:?}");
+        }
+    }
+
     #[test]
     fn b_frames_are_left_out_only_where_p_frames_do_not_use_them() {
         // x264's b-pyramid: reference B-frames serve only other B-frames.
         let x264 = segment(&["-c:v", "libx264", "-preset", "veryfast", "-bf", "3"]);
         let (found, samples) = decode_at_2fps(x264);
         assert_eq!(found, BFrames::Skippable);
-        assert_eq!(samples, [0, 500, 1000, 1500]);
+        assert_on_the_grid(&samples);
         // x265's P-frames do reference B-frames: leaving them out would change the pictures.
         let x265 = segment(&[
             "-c:v",
@@ -807,7 +817,7 @@ mod tests {
         ]);
         let (found, samples) = decode_at_2fps(x265);
         assert_eq!(found, BFrames::Needed);
-        assert_eq!(samples, [0, 500, 1000, 1500]);
+        assert_on_the_grid(&samples);
     }
 
     #[test]
