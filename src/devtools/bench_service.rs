@@ -573,7 +573,7 @@ async fn live_run(
     let mut spikes = 0;
     while wall.elapsed() < Duration::from_secs(seconds) {
         tokio::time::sleep(Duration::from_secs_f64(SEGMENT_S / 4.0)).await;
-        if rounds % 4 == 0 {
+        if rounds.is_multiple_of(4) {
             let rss = svc.rss_mib()?;
             rss_seen.push(format!("{rss:.0}"));
             rss_peak = rss_peak.max(rss);
@@ -694,7 +694,7 @@ async fn vod_and_polling(rig: &Rig, dir: &Path) -> anyhow::Result<String> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // 1. CPU per stream: one VOD job at a time, whole service process, against the CLI.
     eprintln!("VOD: service vs ffmpeg CLI, 3 interleaved rounds ...");
-    let svc = Service::start(&dir, model_addr, 4).await?;
+    let svc = Service::start(dir, model_addr, 4).await?;
     let (mut ours, mut cli, mut walls) = (Vec::new(), Vec::new(), Vec::new());
     let mut vod_job = String::new();
     let requests_before = model.requests.load(Ordering::Relaxed);
@@ -718,7 +718,7 @@ async fn vod_and_polling(rig: &Rig, dir: &Path) -> anyhow::Result<String> {
         ours.push(svc.cpu()? - cpu0);
         let before = super::cpu(libc::RUSAGE_CHILDREN);
         let status = Command::new("ffmpeg")
-            .current_dir(&dir)
+            .current_dir(dir)
             .args(["-hide_banner", "-loglevel", "error"])
             .args(["-threads", "1", "-i", "index.m3u8"])
             .args([
