@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::Semaphore;
 use tokio::task::JoinError;
 
 /// Slots for media work, shared by every job of the process.
@@ -45,12 +45,6 @@ impl MediaWorkers {
             work()
         })
         .await
-    }
-
-    /// Waits for a slot from a blocking thread that does media work in a loop (a file's
-    /// reader): held while the returned permit lives.
-    pub fn blocking_slot(&self) -> Option<SemaphorePermit<'_>> {
-        futures::executor::block_on(self.slots.acquire()).ok()
     }
 
     /// Slots free now.
