@@ -426,7 +426,7 @@ impl SegmentDecoder {
                     out.timed_out = true;
                     break 'gops;
                 }
-                if let Some(Some(check)) = check.as_mut() {
+                if let Some(check) = check.as_mut() {
                     check.feed(packet);
                 }
                 if decoder.send_packet(packet).is_err() {
@@ -445,7 +445,7 @@ impl SegmentDecoder {
         let with = sink.hashes.take();
         // A chunk cut short leaves the question open for the next one.
         if let (Some(check), Some(with), false) = (check, with, out.timed_out) {
-            self.b_frames = match check.map(|c| c.finish()) {
+            self.b_frames = match check.finish() {
                 Some(without) if b_frames_unused(&without, &with) => BFrames::Skippable,
                 _ => BFrames::Needed,
             };
@@ -551,45 +551,55 @@ fn open_decoder(
 }
 
 /// The second decoder of a B-frame check: fed the packets the job's decoder is fed, it leaves
-/// every B-frame out and keeps a hash of each picture it gives, by timestamp.
+/// every B-frame out and keeps a hash of each picture it gives, by timestamp. No decoder
+/// when none opens: the check then says the B-frames are needed.
 struct BCheck {
-    decoder: ffmpeg::decoder::Video,
+    decoder: Option<ffmpeg::decoder::Video>,
     frame: frame::Video,
     hashes: HashMap<i64, u64>,
 }
 
 impl BCheck {
-    /// `None` when no decoder opens (the check then says the B-frames are needed).
-    fn open(parameters: &codec::Parameters, limits: &DecodeLimits) -> Option<Self> {
-        let mut decoder = open_decoder(parameters.clone(), limits).ok()?;
-        decoder.skip_frame(Discard::Bidirectional);
-        Some(Self {
+    fn open(parameters: &codec::Parameters, limits: &DecodeLimits) -> Self {
+        let decoder = open_decoder(parameters.clone(), limits).ok().map(|mut d| {
+            d.skip_frame(Discard::Bidirectional);
+            d
+        });
+        Self {
             decoder,
             frame: frame::Video::empty(),
             hashes: HashMap::new(),
-        })
+        }
     }
 
     fn feed(&mut self, packet: &Packet) {
-        if self.decoder.send_packet(packet).is_ok() {
+        if self
+            .decoder
+            .as_mut()
+            .is_some_and(|d| d.send_packet(packet).is_ok())
+        {
             self.take();
         }
     }
 
     fn take(&mut self) {
-        while self.decoder.receive_frame(&mut self.frame).is_ok() {
+        let Some(decoder) = self.decoder.as_mut() else {
+            return;
+        };
+        while decoder.receive_frame(&mut self.frame).is_ok() {
             if let Some(t) = self.frame.timestamp().or(self.frame.pts()) {
                 self.hashes.insert(t, picture_hash(&self.frame));
             }
         }
     }
 
-    /// The hashes of every picture, the decoder drained.
-    fn finish(mut self) -> HashMap<i64, u64> {
-        if self.decoder.send_eof().is_ok() {
+    /// The hashes of every picture, the decoder drained; `None` without a decoder.
+    fn finish(mut self) -> Option<HashMap<i64, u64>> {
+        let decoder = self.decoder.as_mut()?;
+        if decoder.send_eof().is_ok() {
             self.take();
         }
-        self.hashes
+        Some(self.hashes)
     }
 }
 

@@ -1,6 +1,7 @@
-//! Where the process's media work runs: decoding a segment, a camera's group of pictures or a
-//! file's piece, and shaping a still, each on a blocking thread, but no more of them at once
-//! than [`MediaWorkers`] has slots (one per core by default).
+//! Where the process's media work runs: decoding a segment or a camera's group of pictures,
+//! and shaping a still, each on a blocking thread, but no more of them at once than
+//! [`MediaWorkers`] has slots (one per core by default). A file job's reader thread is not
+//! counted: it may wait on HTTP with a piece half read.
 //!
 //! Left to the blocking pool, 32 live streams whose segments arrive together decode on 32
 //! threads at once: the kernel time-slices them over the cores, every segment of the burst
