@@ -243,12 +243,15 @@ pub struct Live {
 }
 
 impl Live {
-    fn render(&self) -> String {
+    fn shown(&self) -> usize {
         let grown = self.initial
             + (self.started.elapsed().as_millis() / self.every.as_millis().max(1)) as usize;
-        let shown = grown
+        grown
             .min(self.stall_at.unwrap_or(usize::MAX))
-            .min(self.segments.len());
+            .min(self.segments.len())
+    }
+
+    fn render(&self, shown: usize) -> String {
         let mut s = self.header.clone();
         for (d, uri) in &self.segments[..shown] {
             s.push_str(&format!("#EXTINF:{d:.6},\n{uri}\n"));
@@ -274,6 +277,8 @@ struct OriginState {
     log: Mutex<Vec<(Instant, String)>>,
     /// `Range` headers of the requests for files, in order.
     ranges: Mutex<Vec<String>>,
+    /// Each load of a live playlist: when it came and how many segments it listed.
+    live_loads: Mutex<Vec<(Instant, usize)>>,
 }
 
 /// An HLS origin on 127.0.0.1 serving files under a folder, with routes overridden per path.
@@ -324,6 +329,11 @@ impl Origin {
         self.state.ranges.lock().unwrap().clone()
     }
 
+    /// Each load of a live playlist (any path) in order: when it came, segments it listed.
+    pub fn live_loads(&self) -> Vec<(Instant, usize)> {
+        self.state.live_loads.lock().unwrap().clone()
+    }
+
     /// Requests made after `t`.
     pub fn requests_since(&self, t: Instant) -> usize {
         self.state
@@ -347,11 +357,19 @@ async fn serve(State(state): State<Arc<OriginState>>, uri: Uri, headers: HeaderM
     match route {
         Some(Route::Status(code)) => StatusCode::from_u16(code).unwrap().into_response(),
         Some(Route::Bytes(b)) => Body::from(b).into_response(),
-        Some(Route::Live(live)) => (
-            [("content-type", "application/vnd.apple.mpegurl")],
-            live.render(),
-        )
-            .into_response(),
+        Some(Route::Live(live)) => {
+            let shown = live.shown();
+            state
+                .live_loads
+                .lock()
+                .unwrap()
+                .push((Instant::now(), shown));
+            (
+                [("content-type", "application/vnd.apple.mpegurl")],
+                live.render(shown),
+            )
+                .into_response()
+        }
         None => match std::fs::read(state.root.join(path.trim_start_matches('/'))) {
             Ok(bytes) => match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
                 Some(range) => {

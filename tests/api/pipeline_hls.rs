@@ -212,6 +212,54 @@ async fn jobs_take_turns_at_one_decoding_slot() {
     assert_eq!(model.asked().len(), 36);
 }
 
+/// RFC 8216 §6.3.4: after a load that found the playlist changed (or the first), the next
+/// reload begins no sooner than one target duration later; after one that found nothing new,
+/// no sooner than half of one. Timed at the origin, where a request arrives a little after
+/// it began: the allowance covers loopback jitter, not a reload half a target early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_reloads_keep_the_rfc_spacing() {
+    let dir = tempfile::tempdir().unwrap();
+    // One-second segments (TARGETDURATION 1), one more listed every second.
+    let origin = live_origin(dir.path(), 8.0, 2, Duration::from_secs(1), None, true).await;
+    let model = ModelServer::start().await;
+    let app = spawn(Db::Sqlite, &model, &[]).await;
+    let id = app
+        .start_job(json!({"stream_ref": origin.url("live/live.m3u8"), "fps": 2}))
+        .await;
+    let status = app.wait_status(&id, &["completed", "failed"], LONG).await;
+    assert_eq!(status["status"], "completed", "{status}");
+    assert_eq!(status["stats"]["segments_missed"], 0, "{status}");
+    let pts = pts_of(&app.all_results(&id).await);
+    assert!(
+        pts.len() >= 12 && pts.windows(2).all(|w| w[1] - w[0] == 500),
+        "every segment from the live edge on, once: {pts:?}"
+    );
+
+    let loads = origin.live_loads();
+    assert!(loads.len() >= 7, "{} loads", loads.len());
+    let target = Duration::from_secs(1);
+    let jitter = Duration::from_millis(20);
+    for (i, w) in loads.windows(2).enumerate() {
+        let changed = i == 0 || loads[i - 1].1 != w[0].1;
+        let least = if changed { target } else { target / 2 };
+        let gap = w[1].0 - w[0].0;
+        assert!(
+            gap + jitter >= least,
+            "reload {} came {gap:?} after a load that {} (at least {least:?}): {:?}",
+            i + 1,
+            if changed {
+                "changed"
+            } else {
+                "found nothing new"
+            },
+            loads
+                .iter()
+                .map(|(t, n)| (t.duration_since(loads[0].0), *n))
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_playlist_grows_and_a_prompt_update_applies_mid_job() {
     let dir = tempfile::tempdir().unwrap();

@@ -8,6 +8,13 @@
 //! and jobs started (or resumed) together would otherwise find their new segments in the
 //! same instant every target duration and decode them all at once. A playlist that adds
 //! nothing, or cannot be fetched, for `stall_target_durations` target durations ends the job.
+//!
+//! Reloads wake on time to a fraction of a millisecond ([`wake_at`]). The RFC lets a reload
+//! come no sooner than a target duration after the last began, so whatever a wake is late
+//! moves every later reload too: against an origin listing a segment every target duration,
+//! tokio's millisecond timer (about 1.2 ms late a wake) moved the reload phase ~1 ms per
+//! segment until a reload came after the next listing and found two segments at once, the
+//! newest results then two segments behind the live edge.
 
 pub mod fetch;
 pub mod playlist;
@@ -78,6 +85,25 @@ fn reload_phase(target_duration_ms: f64) -> Duration {
     use rand::Rng;
     let ms = target_duration_ms.max(0.0) as u64;
     Duration::from_millis(rand::rng().random_range(0..=ms))
+}
+
+/// Waits until `due` and wakes within a fraction of a millisecond of it, never before: tokio's
+/// timer wheel counts whole milliseconds and wakes about 1.2 ms late on average, so the last
+/// stretch is slept on a blocking thread (the kernel's high-resolution timer, ~0.1 ms).
+async fn wake_at(due: Instant) {
+    const LAST_STRETCH: Duration = Duration::from_millis(2);
+    if let Some(coarse) = due.checked_sub(LAST_STRETCH) {
+        tokio::time::sleep_until(coarse).await;
+    }
+    let rest = due.saturating_duration_since(Instant::now());
+    if !rest.is_zero() {
+        // Detached if the caller gives up (cancellation): it ends within LAST_STRETCH anyway.
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
+    }
+    // Never early, also where tokio's clock is not the wall clock (paused in tests).
+    if Instant::now() < due {
+        tokio::time::sleep_until(due).await;
+    }
 }
 
 pub struct HlsSource {
@@ -188,7 +214,7 @@ impl HlsSource {
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep_until(due) => {}
+                    _ = wake_at(due) => {}
                 }
                 load_began = tokio::time::Instant::now();
                 let half = Duration::from_millis((playlist.target_duration_ms / 2.0) as u64);
