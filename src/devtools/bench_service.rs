@@ -6,8 +6,9 @@
 //! live streams (a sliding 6-segment window that gains a 2 s segment every 2 s). The model
 //! server and origin run in this process, so the child's CPU and memory are the service's
 //! alone. It reports, in one run: whole-process CPU per stream against the ffmpeg CLI on the
-//! same stream; how many live streams are held for a minute with no frame dropped and the
-//! live lag under two target durations; resident memory per stream, also with a model that
+//! same stream; how many live streams are held for a minute with no frame dropped and every
+//! sample answered within two target durations of its segment being listed; resident memory
+//! per stream, also with a model that
 //! falls behind; the latency from a segment being listed to its results being stored; and
 //! polling throughput measured with `wrk`. Live streams cut their segments out of step with
 //! each other (evenly spread phases), as independent cameras do.
@@ -67,6 +68,8 @@ struct Live {
     /// Where in the looped clip this stream's segment 0 is: streams loop (a discontinuity
     /// each time round) at different moments, as independent cameras would.
     offset: u64,
+    /// Each playlist request: when it came (epoch seconds) and the newest segment it listed.
+    reloads: Vec<(f64, u64)>,
 }
 
 struct Origin {
@@ -84,8 +87,10 @@ impl Origin {
             started_epoch: epoch(),
             first_fetched: None,
             offset: 0,
+            reloads: Vec::new(),
         });
         let listed = INITIAL + (l.started.elapsed().as_secs_f64() / SEGMENT_S) as u64;
+        l.reloads.push((epoch(), listed - 1));
         (listed, l.started_epoch, l.offset)
     }
 
@@ -392,6 +397,12 @@ struct LiveRun {
     max_lag_ms: i64,
     /// Of every job's lag read four times a segment.
     lag_p99_ms: f64,
+    /// Results stored more than two target durations after their segment was listed.
+    late_results: u32,
+    /// Samples of segments listed in the window not answered by its end.
+    unanswered: u64,
+    /// Playlist reloads that found two or more new segments at once.
+    doubles: usize,
     cores: f64,
     /// CPU of this benchmark's own process (origin, model stand-in, polling) meanwhile.
     harness: f64,
@@ -507,6 +518,7 @@ async fn live_run(
                     started_epoch: epoch() - phase.as_secs_f64(),
                     first_fetched: None,
                     offset: i * origin.segments.len() as u64 / streams as u64,
+                    reloads: Vec::new(),
                 },
             );
         }
@@ -602,12 +614,17 @@ async fn live_run(
     let cores = (svc.cpu()? - cpu0).as_secs_f64() / wall.elapsed().as_secs_f64();
     let harness =
         (super::cpu(libc::RUSAGE_SELF) - own0).as_secs_f64() / wall.elapsed().as_secs_f64();
-    let measured_from = epoch() - wall.elapsed().as_secs_f64();
+    let measured_to = epoch();
+    let measured_from = measured_to - wall.elapsed().as_secs_f64();
     let mut dropped = 0;
     let mut missed = 0;
     let mut latencies = Vec::new();
     let mut late: Vec<u32> = Vec::new();
     let mut results = 0;
+    // Every segment listed in the window, up to two target durations before its end, must
+    // have all its samples answered by then.
+    let mut unanswered = 0u64;
+    let per_segment = (SEGMENT_S * 2.0) as u64;
     for ((n, j), b) in jobs.iter().zip(&before) {
         let s = svc.status(j).await?;
         let counter = |v: &Value, k: &str| v["stats"][k].as_u64().unwrap_or(0);
@@ -618,16 +635,18 @@ async fn live_run(
             let l = &live[n];
             (l.first_fetched.unwrap_or(0), l.started_epoch)
         };
+        let mut answered: HashMap<u64, u64> = HashMap::new();
         for r in svc.results(j).await? {
             let (Some(pts), Some(created)) = (r["pts_ms"].as_i64(), r["created_at"].as_f64())
             else {
                 continue;
             };
+            let k = first + (pts as f64 / (SEGMENT_S * 1000.0)) as u64;
+            *answered.entry(k).or_default() += 1;
             if created < measured_from {
                 continue;
             }
             results += 1;
-            let k = first + (pts as f64 / (SEGMENT_S * 1000.0)) as u64;
             let latency = (created - Origin::listed_at(started, k)) * 1000.0;
             latencies.push(latency);
             if latency > 2.0 * SEGMENT_S * 1000.0 {
@@ -638,7 +657,14 @@ async fn live_run(
                 late[bucket] += 1;
             }
         }
+        unanswered += (first..)
+            .map(|k| (k, Origin::listed_at(started, k)))
+            .skip_while(|(_, at)| *at < measured_from)
+            .take_while(|(_, at)| *at <= measured_to - 2.0 * SEGMENT_S)
+            .map(|(k, _)| per_segment.saturating_sub(answered.get(&k).copied().unwrap_or(0)))
+            .sum::<u64>();
     }
+    let doubles = reload_timing(origin, jobs.iter().map(|(n, _)| *n), measured_from);
     // When the late results were stored shows whether lateness is spread (queueing) or
     // comes in bursts (something every stream does at about the same time).
     eprintln!(
@@ -646,7 +672,14 @@ async fn live_run(
         2.0 * SEGMENT_S
     );
     let rss_per_stream = (rss_peak - idle_rss) / streams as f64;
-    let held = dropped == 0 && missed == 0 && max_lag < (2.0 * SEGMENT_S * 1000.0) as i64;
+    // Held: every result of the window stored within two target durations of its segment
+    // being listed, none missing. The service's own live_lag_ms, read four times a segment,
+    // is reported beside it but does not decide: it is at least a target duration plus a
+    // sample interval however fast the service is, and reaches two target durations plus one
+    // whenever a reload finds two segments at once, which RFC 8216 reload timing makes
+    // happen now and then at any load (see reload_timing).
+    let late_results: u32 = late.iter().sum();
+    let held = dropped == 0 && missed == 0 && late_results == 0 && unanswered == 0;
     Ok(LiveRun {
         streams,
         held,
@@ -654,6 +687,9 @@ async fn live_run(
         missed,
         max_lag_ms: max_lag,
         lag_p99_ms,
+        late_results,
+        unanswered,
+        doubles,
         cores,
         harness,
         rss_per_stream,
@@ -661,6 +697,34 @@ async fn live_run(
         latency_p99: percentile(&mut latencies, 0.99),
         results,
     })
+}
+
+/// Prints how the service's playlist reloads kept time with the origin's listings over the
+/// measured window: the RFC's reload timer lets the reload phase only move later, and a
+/// reload that comes after the next listing finds two segments at once.
+fn reload_timing(origin: &Origin, streams: impl Iterator<Item = u64>, from: f64) -> usize {
+    let live = origin.live.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut drifts, mut doubles, mut reloads) = (Vec::new(), 0, 0);
+    for n in streams {
+        let l = &live[&n];
+        let phase = |(at, newest): (f64, u64)| at - Origin::listed_at(l.started_epoch, newest);
+        for w in l.reloads.windows(2).filter(|w| w[0].0 >= from) {
+            reloads += 1;
+            match w[1].1 - w[0].1 {
+                1 => drifts.push((phase(w[1]) - phase(w[0])) * 1e6),
+                0 => {}
+                _ => doubles += 1,
+            }
+        }
+    }
+    if !drifts.is_empty() {
+        let mean = drifts.iter().sum::<f64>() / drifts.len() as f64;
+        eprintln!(
+            "  playlist reloads: {reloads}; between reloads that each found one new segment the phase moved {mean:+.0} µs on average (p99 {:+.0} µs); reloads that found two or more: {doubles}",
+            percentile(&mut drifts, 0.99)
+        );
+    }
+    doubles
 }
 
 pub async fn bench_service(dir: &Path, opts: Options) -> anyhow::Result<String> {
@@ -799,8 +863,8 @@ async fn live_ladder(rig: &Rig, opts: &Options) -> anyhow::Result<String> {
         eprintln!("live: {n} streams for {} s ...", opts.live_seconds);
         let run = live_run(rig, n, opts.live_seconds, false).await?;
         eprintln!(
-            "  held={} dropped={} missed={} lag p99 {:.0} ms, max {} ms, {:.2} cores (harness {:.2}), {:.1} MiB/stream, listed → stored p50 {:.2} s p99 {:.2} s",
-            run.held, run.dropped, run.missed, run.lag_p99_ms, run.max_lag_ms, run.cores, run.harness, run.rss_per_stream, run.latency_p50 / 1000.0, run.latency_p99 / 1000.0
+            "  held={} dropped={} missed={} late={} unanswered={} lag p99 {:.0} ms, max {} ms, {:.2} cores (harness {:.2}), {:.1} MiB/stream, listed → stored p50 {:.2} s p99 {:.2} s",
+            run.held, run.dropped, run.missed, run.late_results, run.unanswered, run.lag_p99_ms, run.max_lag_ms, run.cores, run.harness, run.rss_per_stream, run.latency_p50 / 1000.0, run.latency_p99 / 1000.0
         );
         let held = run.held;
         runs.push(run);
@@ -815,21 +879,24 @@ async fn live_ladder(rig: &Rig, opts: &Options) -> anyhow::Result<String> {
         n = next;
     }
     runs.sort_by_key(|r| r.streams);
-    md.push_str("\n| live 720p30 streams at 2 fps | held | frames dropped | segments missed | live lag p99 / max | service CPU (cores) | benchmark's own CPU | resident memory per stream | segment listed → result stored p50 / p99 | results |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    md.push_str("\n| live 720p30 streams at 2 fps | held | frames dropped | segments missed | results late / unanswered | segment listed → result stored p50 / p99 | service's live lag p99 / max | reloads finding two segments | service CPU (cores) | benchmark's own CPU | resident memory per stream | results |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
     for r in &runs {
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {:.1} s / {:.1} s | {:.2} | {:.2} | {:.1} MiB | {:.2} s / {:.2} s | {} |\n",
+            "| {} | {} | {} | {} | {} / {} | {:.2} s / {:.2} s | {:.1} s / {:.1} s | {} | {:.2} | {:.2} | {:.1} MiB | {} |\n",
             r.streams,
             if r.held { "yes" } else { "no" },
             r.dropped,
             r.missed,
+            r.late_results,
+            r.unanswered,
+            r.latency_p50 / 1000.0,
+            r.latency_p99 / 1000.0,
             r.lag_p99_ms / 1000.0,
             r.max_lag_ms as f64 / 1000.0,
+            r.doubles,
             r.cores,
             r.harness,
             r.rss_per_stream,
-            r.latency_p50 / 1000.0,
-            r.latency_p99 / 1000.0,
             r.results
         ));
     }
@@ -840,7 +907,7 @@ async fn live_ladder(rig: &Rig, opts: &Options) -> anyhow::Result<String> {
         .max()
         .unwrap_or(0);
     md.push_str(&format!(
-        "\nLargest count held for {} s (no frame dropped, no segment missed, live lag under two target durations): **{best}** streams.\n\n",
+        "\nLargest count held for {} s (no frame dropped, no segment missed, every sample of every segment listed in the window answered, each within two target durations of its segment being listed): **{best}** streams.\n\n",
         opts.live_seconds
     ));
     Ok(md)
