@@ -8,9 +8,8 @@
 //! alone. It reports, in one run: whole-process CPU per stream against the ffmpeg CLI on the
 //! same stream; how many live streams are held for a minute with no frame dropped and every
 //! sample answered within two target durations of its segment being listed; resident memory
-//! per stream, also with a model that
-//! falls behind; the latency from a segment being listed to its results being stored; and
-//! polling throughput measured with `wrk`. Live streams cut their segments out of step with
+//! per stream, also with a model that falls behind; the latency from a segment being listed
+//! to its results being stored; and polling throughput measured with `wrk`. Live streams cut their segments out of step with
 //! each other (evenly spread phases), as independent cameras do.
 
 use std::collections::HashMap;
@@ -664,7 +663,8 @@ async fn live_run(
             .map(|(k, _)| per_segment.saturating_sub(answered.get(&k).copied().unwrap_or(0)))
             .sum::<u64>();
     }
-    let doubles = reload_timing(origin, jobs.iter().map(|(n, _)| *n), measured_from);
+    let window = measured_from..=measured_to;
+    let doubles = reload_timing(origin, jobs.iter().map(|(n, _)| *n), &window);
     // When the late results were stored shows whether lateness is spread (queueing) or
     // comes in bursts (something every stream does at about the same time).
     eprintln!(
@@ -675,9 +675,9 @@ async fn live_run(
     // Held: every result of the window stored within two target durations of its segment
     // being listed, none missing. The service's own live_lag_ms, read four times a segment,
     // is reported beside it but does not decide: it is at least a target duration plus a
-    // sample interval however fast the service is, and reaches two target durations plus one
-    // whenever a reload finds two segments at once, which RFC 8216 reload timing makes
-    // happen now and then at any load (see reload_timing).
+    // sample interval however fast the service is, and two target durations plus a sample
+    // interval whenever a reload finds two segments at once, which RFC 8216 reload timing
+    // makes happen now and then at any load (see reload_timing).
     let late_results: u32 = late.iter().sum();
     let held = dropped == 0 && missed == 0 && late_results == 0 && unanswered == 0;
     Ok(LiveRun {
@@ -702,13 +702,17 @@ async fn live_run(
 /// Prints how the service's playlist reloads kept time with the origin's listings over the
 /// measured window: the RFC's reload timer lets the reload phase only move later, and a
 /// reload that comes after the next listing finds two segments at once.
-fn reload_timing(origin: &Origin, streams: impl Iterator<Item = u64>, from: f64) -> usize {
+fn reload_timing(
+    origin: &Origin,
+    streams: impl Iterator<Item = u64>,
+    window: &std::ops::RangeInclusive<f64>,
+) -> usize {
     let live = origin.live.lock().unwrap_or_else(|p| p.into_inner());
     let (mut drifts, mut doubles, mut reloads) = (Vec::new(), 0, 0);
     for n in streams {
         let l = &live[&n];
         let phase = |(at, newest): (f64, u64)| at - Origin::listed_at(l.started_epoch, newest);
-        for w in l.reloads.windows(2).filter(|w| w[0].0 >= from) {
+        for w in l.reloads.windows(2).filter(|w| window.contains(&w[1].0)) {
             reloads += 1;
             match w[1].1 - w[0].1 {
                 1 => drifts.push((phase(w[1]) - phase(w[0])) * 1e6),
